@@ -1,0 +1,27 @@
+# Two commands do all the set-up: `make demo` runs the whole pipeline on the embedded
+# default, `make test` runs the test suite. Both create .venv from requirements.txt first.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed-requirements
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+
+.PHONY: demo test lint embedded
+
+$(INSTALLED): requirements.txt
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+embedded: $(INSTALLED)
+	$(PYTHON) scripts/prepare_embedded.py
+
+demo: embedded
+	$(PYTHON) scripts/demo.py
+
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/shellcheck run_dense_finetune_block_20sparsity.sh scripts/*.sh .ci/run
+
+test: embedded lint
+	$(PYTHON) -m pytest -q tests

@@ -1,0 +1,1 @@
+"""Sparse full fine-tuning of block-pruned Llama models."""

@@ -1,0 +1,17 @@
+"""One-line errors for the command-line tools."""
+
+import sys
+from contextlib import contextmanager
+
+
+class UserError(Exception):
+    """A problem with the user's input: reported as one line, never as a traceback."""
+
+
+@contextmanager
+def exit_on_user_error(exit_code: int = 2):
+    try:
+        yield
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(exit_code)

@@ -1,0 +1,53 @@
+"""Evaluation: WikiText-style perplexity (the Wanda protocol) and lm-eval zero-shot accuracy."""
+
+import math
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import UserError
+
+ZERO_SHOT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, token_ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
+               progress: bool = True) -> float:
+    """exp(mean next-token NLL) over non-overlapping ``seqlen`` windows; the remainder is dropped."""
+    windows = token_ids.numel() // seqlen
+    if max_windows is not None:
+        windows = min(windows, max_windows)
+    if windows == 0:
+        raise UserError(f"evaluation text has {token_ids.numel()} tokens, fewer than one window of {seqlen}")
+    device = next(model.parameters()).device
+    total_nll, predicted = 0.0, 0
+    for i in tqdm(range(windows), desc="Perplexity", disable=not progress):
+        window = token_ids[i * seqlen:(i + 1) * seqlen][None].to(device)
+        loss = model(input_ids=window, labels=window, use_cache=False).loss
+        total_nll += loss.float().item() * (seqlen - 1)
+        predicted += seqlen - 1
+    return math.exp(total_nll / predicted)
+
+
+def zero_shot(model: nn.Module, tokenizer, tasks, include_path: str | None = None, limit: float | None = None,
+              batch_size: int = 1) -> dict:
+    """Zero-shot accuracy per task with lm-eval's ``simple_evaluate`` on the in-memory model."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    task_manager = TaskManager(include_path=include_path)
+    unknown = [task for task in tasks if not task_manager.match_tasks([task])]
+    if unknown:
+        raise UserError(f"unknown lm-eval task: {', '.join(unknown)}")
+    results = simple_evaluate(
+        model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
+        tasks=list(tasks), num_fewshot=0, limit=limit, task_manager=task_manager,
+    )
+    return results
+
+
+def accuracies(results: dict) -> dict[str, float]:
+    """task -> accuracy (``acc,none``) from lm-eval results."""
+    return {task: metrics["acc,none"] for task, metrics in results["results"].items() if "acc,none" in metrics}

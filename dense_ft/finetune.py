@@ -1,0 +1,197 @@
+"""Sparse full fine-tuning of a pruned causal LM: every weight trains, pruned weights stay zero.
+
+    python dense_ft/finetune.py --model_name_or_path out/.../pruned_model \
+        --dataset_name wikitext --dataset_config_name wikitext-2-raw-v1 \
+        --output_dir out/.../dense_finetuned_model --num_train_epochs 3 --learning_rate 5e-5
+
+Every ``transformers.TrainingArguments`` flag works. A rerun with the same ``--output_dir``
+resumes from its last checkpoint (``--overwrite_output_dir`` starts over); Ctrl+C or
+SIGTERM saves a checkpoint at the end of the current step and exits with status 130.
+"""
+
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from itertools import chain
+
+if __package__ in (None, ""):  # run as a script: python dense_ft/finetune.py
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from transformers import HfArgumentParser, TrainerCallback, TrainingArguments, default_data_collator
+from transformers.trainer_utils import get_last_checkpoint
+
+from dense_ft.errors import UserError, exit_on_user_error
+from dense_ft.interrupt import StopOnSignal
+from dense_ft.modeling import DTYPES, load_model
+from dense_ft.sparse_trainer import SparseTrainer, check_sparsity
+from dense_ft.text import load_corpus, load_text_files, load_wikitext_dir
+
+INTERRUPTED_EXIT_CODE = 130
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "Pruned model: a local directory or a Hub id."})
+    torch_dtype: str = field(default="float32", metadata={"help": "Weight dtype.", "choices": list(DTYPES)})
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub data set, e.g. wikitext."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "e.g. wikitext-2-raw-v1."})
+    dataset_dir: str | None = field(default=None, metadata={"help": "Local dir with wiki.{train,valid}.raw."})
+    train_file: str | None = field(default=None, metadata={"help": "Plain-text training file."})
+    validation_file: str | None = field(default=None, metadata={"help": "Plain-text validation file."})
+    block_size: int = field(default=1024, metadata={"help": "Tokens per training sequence."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Cap on training sequences."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on evaluation sequences."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Tokenization processes."})
+
+
+@dataclass
+class SparseTrainingArguments(TrainingArguments):
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Start over instead of resuming from the last checkpoint in output_dir."}
+    )
+
+
+class PrintLoss(TrainerCallback):
+    """``Step 10: loss=2.5432`` lines, as the guide shows them."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs and "loss" in logs:
+            print(f"Step {state.global_step}: loss={logs['loss']:.4f}", flush=True)
+
+
+def load_raw_text(data_args: DataArguments):
+    if data_args.dataset_dir:
+        return load_wikitext_dir(data_args.dataset_dir, splits=("train", "validation"))
+    if data_args.train_file:
+        files = {"train": data_args.train_file}
+        if data_args.validation_file:
+            files["validation"] = data_args.validation_file
+        return load_text_files(files)
+    if data_args.dataset_name:
+        return load_corpus(data_args.dataset_name, data_args.dataset_config_name, splits=("train", "validation"))
+    raise UserError("no training data: give --dataset_name, --dataset_dir or --train_file")
+
+
+def group_texts(examples: dict, block_size: int) -> dict:
+    """Concatenate tokenized lines and cut them into ``block_size`` chunks (run_clm's grouping)."""
+    concatenated = {k: list(chain(*examples[k])) for k in examples}
+    total = len(concatenated["input_ids"]) // block_size * block_size
+    blocks = {k: [t[i:i + block_size] for i in range(0, total, block_size)] for k, t in concatenated.items()}
+    blocks["labels"] = blocks["input_ids"].copy()
+    return blocks
+
+
+def prepare_datasets(raw, tokenizer, data_args: DataArguments, training_args):
+    with training_args.main_process_first(desc="tokenizing and grouping"):
+        tokenized = raw.map(lambda batch: tokenizer(batch["text"]), batched=True, remove_columns=["text"],
+                            num_proc=data_args.preprocessing_num_workers, desc="Tokenizing")
+        grouped = tokenized.map(group_texts, batched=True, fn_kwargs={"block_size": data_args.block_size},
+                                num_proc=data_args.preprocessing_num_workers,
+                                desc=f"Grouping into blocks of {data_args.block_size}")
+    train = grouped["train"]
+    if len(train) == 0:
+        raise UserError(f"no training sequence of {data_args.block_size} tokens: the training text is too short")
+    if data_args.max_train_samples is not None:
+        train = train.select(range(min(len(train), data_args.max_train_samples)))
+    evaluation = grouped.get("validation")
+    if evaluation is not None and data_args.max_eval_samples is not None:
+        evaluation = evaluation.select(range(min(len(evaluation), data_args.max_eval_samples)))
+    return train, evaluation if evaluation is not None and len(evaluation) else None
+
+
+def checkpoint_to_resume(training_args: SparseTrainingArguments) -> str | None:
+    """The checkpoint to resume from; refuses to overwrite a finished model unless asked."""
+    if training_args.resume_from_checkpoint or training_args.overwrite_output_dir:
+        return training_args.resume_from_checkpoint
+    output_dir = training_args.output_dir
+    if not os.path.isdir(output_dir):
+        return None
+    last = get_last_checkpoint(output_dir)
+    if last is None and any(name.endswith(".safetensors") for name in os.listdir(output_dir)):
+        raise UserError(f"{output_dir} already holds a trained model and no checkpoint to resume; "
+                        "pass --overwrite_output_dir to train again")
+    return last
+
+
+def parse_args(argv=None):
+    parser = HfArgumentParser((ModelArguments, DataArguments, SparseTrainingArguments))
+    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        return parser.parse_json_file(os.path.abspath(sys.argv[1]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def describe_model(model) -> None:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"Trainable params: {trainable:,} || All params: {total:,} || Trainable%: {100 * trainable / total:.2f}")
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, training_args: SparseTrainingArguments) -> int:
+    resume_from = checkpoint_to_resume(training_args)
+    raw = load_raw_text(data_args)
+    model, tokenizer = load_model(model_args.model_name_or_path, model_args.torch_dtype)
+    if data_args.block_size > model.config.max_position_embeddings:
+        raise UserError(f"--block_size {data_args.block_size} exceeds the model's "
+                        f"{model.config.max_position_embeddings} positions")
+    train_dataset, eval_dataset = prepare_datasets(raw, tokenizer, data_args, training_args)
+
+    stop_on_signal = StopOnSignal()
+    trainer = SparseTrainer(
+        model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        processing_class=tokenizer, data_collator=default_data_collator, callbacks=[PrintLoss(), stop_on_signal],
+    )
+    main_process = trainer.is_world_process_zero()
+    if main_process:
+        print("*** Starting sparse full fine-tuning ***")
+        initial = check_sparsity(model)
+        print(f"Initial model sparsity: {initial:.4f}")
+        if not trainer.masks:
+            print("Warning: the model is not pruned (no pruned weights found); training it as a dense model.")
+        describe_model(model)
+        if resume_from:
+            print(f"Resuming from checkpoint {resume_from}")
+
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    if stop_on_signal.requested:
+        if main_process:
+            checkpoint = os.path.join(training_args.output_dir, f"checkpoint-{trainer.state.global_step}")
+            print(f"Training interrupted at step {trainer.state.global_step}: checkpoint saved to {checkpoint}. "
+                  "Run the same command again to resume.", flush=True)
+        return INTERRUPTED_EXIT_CODE
+
+    trainer.save_model()
+    trainer.save_state()
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    violations = trainer.masks.violations()
+    if main_process:
+        print(f"Final model sparsity: {check_sparsity(trainer.model):.4f}")
+        print("Sparsity maintained: " + ("yes (every pruned weight is still zero)" if not violations else
+                                         f"NO ({sum(violations.values())} pruned weights are non-zero)"))
+    if eval_dataset is not None:
+        metrics = trainer.evaluate()
+        metrics["perplexity"] = math.exp(metrics["eval_loss"]) if metrics["eval_loss"] < 700 else float("inf")
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    if main_process:
+        print(f"Model saved to {training_args.output_dir}")
+    return 1 if violations else 0
+
+
+def main(argv=None) -> None:
+    with exit_on_user_error():
+        model_args, data_args, training_args = parse_args(argv)
+        try:
+            sys.exit(run(model_args, data_args, training_args))
+        except KeyboardInterrupt:
+            print("Aborted.", file=sys.stderr)
+            sys.exit(INTERRUPTED_EXIT_CODE)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Pruning masks: captured once from a model's zeros, applied to weights and gradients.
+
+A weight whose zeros are whole ``b x b`` blocks (what block pruning leaves) gets a
+``BlockMask``: one bit per block, applied through a blocked view of the tensor, so it costs
+``1 / (8 b^2)`` of a byte per weight and no full-size temporary. Any other pattern of zeros
+gets an ``ElementMask``: one bool per weight.
+"""
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .sparsity import local_tensor, prunable_linears, sparsity_pattern
+
+DEFAULT_BLOCK_SIZE = 16
+_BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+
+def pack_bits(flags: torch.Tensor) -> torch.Tensor:
+    """Bools to uint8, eight to a byte (little-endian within the byte)."""
+    flat = flags.flatten().to(torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)])
+    return (flat.view(-1, 8) << _BIT_SHIFTS.to(flat.device)).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
+    bits = (packed[:, None] >> _BIT_SHIFTS.to(packed.device)) & 1
+    return bits.flatten()[:count].bool()
+
+
+class BlockMask:
+    """The pruned blocks of one weight matrix, one bit per ``block_size x block_size`` block."""
+
+    def __init__(self, pruned_blocks: torch.Tensor, block_size: int):
+        self.grid = tuple(pruned_blocks.shape)
+        self.block_size = block_size
+        self.bits = pack_bits(pruned_blocks)
+
+    @property
+    def pruned_blocks(self) -> torch.Tensor:
+        return unpack_bits(self.bits, self.grid[0] * self.grid[1]).view(self.grid)
+
+    @property
+    def nbytes(self) -> int:
+        return self.bits.numel()
+
+    @property
+    def num_pruned(self) -> int:
+        return int(self.pruned_blocks.sum()) * self.block_size**2
+
+    def _blocked(self, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, cols = self.grid
+        b = self.block_size
+        pruned = self.pruned_blocks.to(tensor.device)[:, None, :, None]
+        return tensor.view(rows, b, cols, b), pruned
+
+    def apply_(self, tensor: torch.Tensor) -> None:
+        blocks, pruned = self._blocked(tensor)
+        blocks.masked_fill_(pruned, 0)
+
+    def count_nonzero(self, tensor: torch.Tensor) -> int:
+        """How many pruned positions of ``tensor`` are not zero."""
+        blocks, pruned = self._blocked(tensor)
+        return int(blocks.ne(0).logical_and(pruned).sum())
+
+    def dense(self) -> torch.Tensor:
+        b = self.block_size
+        return self.pruned_blocks.repeat_interleave(b, dim=0).repeat_interleave(b, dim=1)
+
+
+class ElementMask:
+    """Pruned positions of one weight, one bool per weight."""
+
+    def __init__(self, pruned: torch.Tensor):
+        self.pruned = pruned.bool()
+
+    @property
+    def nbytes(self) -> int:
+        return self.pruned.numel()
+
+    @property
+    def num_pruned(self) -> int:
+        return int(self.pruned.sum())
+
+    def apply_(self, tensor: torch.Tensor) -> None:
+        tensor.masked_fill_(self.pruned.to(tensor.device), 0)
+
+    def count_nonzero(self, tensor: torch.Tensor) -> int:
+        return int(tensor.ne(0).logical_and(self.pruned.to(tensor.device)).sum())
+
+    def dense(self) -> torch.Tensor:
+        return self.pruned
+
+
+Mask = BlockMask | ElementMask
+
+
+def _whole_zero_blocks(zeros: torch.Tensor, block_size: int) -> torch.Tensor:
+    rows, cols = zeros.shape
+    b = block_size
+    return zeros.view(rows // b, b, cols // b, b).all(dim=3).all(dim=1)
+
+
+def capture_mask(weight: torch.Tensor, block_size: int | None = None) -> Mask | None:
+    """The mask of one weight from its exact zeros, or None when nothing is pruned.
+
+    With ``block_size`` (the pattern a pruned model records), only whole zero blocks are
+    pruned: a stray zero inside a kept block stays an ordinary, trainable weight. Without
+    it, the zeros are a ``BlockMask`` when they are exactly a union of 16x16 blocks and an
+    ``ElementMask`` otherwise.
+    """
+    zeros = weight.detach() == 0
+    if not zeros.any():
+        return None
+    b = block_size or DEFAULT_BLOCK_SIZE
+    divisible = weight.dim() == 2 and weight.shape[0] % b == 0 and weight.shape[1] % b == 0
+    if block_size is not None and not divisible:
+        raise UserError(f"a weight of shape {tuple(weight.shape)} cannot hold {b}x{b} blocks")
+    if divisible:
+        blocks = _whole_zero_blocks(zeros, b)
+        if block_size is not None or int(blocks.sum()) * b * b == int(zeros.sum()):
+            return BlockMask(blocks, b) if blocks.any() else None
+    return ElementMask(zeros)
+
+
+class SparsityMasks:
+    """The masks of a model's prunable weights, captured once from its zeros."""
+
+    def __init__(self, model: nn.Module, block_size: int | None = None):
+        if block_size is None:
+            pattern = sparsity_pattern(model.config) if hasattr(model, "config") else None
+            block_size = pattern["block_size"] if pattern else None
+        self.block_size = block_size
+        self.linears: dict[str, nn.Linear] = {}
+        self.masks: dict[str, Mask] = {}
+        for name, linear in prunable_linears(model).items():
+            mask = capture_mask(local_tensor(linear.weight), block_size)
+            if mask is not None:
+                self.linears[name], self.masks[name] = linear, mask
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def _weights_and_masks(self):
+        return ((name, self.linears[name].weight, mask) for name, mask in self.masks.items())
+
+    @torch.no_grad()
+    def apply_to_weights(self) -> None:
+        for _, weight, mask in self._weights_and_masks():
+            mask.apply_(local_tensor(weight.data))
+
+    @torch.no_grad()
+    def apply_to_grads(self) -> None:
+        for _, weight, mask in self._weights_and_masks():
+            if weight.grad is not None:
+                mask.apply_(local_tensor(weight.grad))
+
+    @torch.no_grad()
+    def violations(self) -> dict[str, int]:
+        """Non-zero weights at pruned positions, by layer (only layers that have any)."""
+        counts = {name: mask.count_nonzero(local_tensor(weight.data))
+                  for name, weight, mask in self._weights_and_masks()}
+        return {name: count for name, count in counts.items() if count}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(mask.nbytes for mask in self.masks.values())
+
+    @property
+    def num_pruned(self) -> int:
+        return sum(mask.num_pruned for mask in self.masks.values())

@@ -1,0 +1,48 @@
+"""Loading and saving models and tokenizers, from local directories or the Hub."""
+
+import os
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def looks_like_local_path(name: str) -> bool:
+    """A Hub id is ``name`` or ``owner/name``; anything else is meant as a local path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def check_model_source(name: str) -> None:
+    if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise UserError(f"{name} is not a model directory (no config.json)")
+    elif looks_like_local_path(name):
+        raise UserError(f"model directory not found: {name}")
+
+
+def load_model(name: str, dtype: str = "float32", device: str | None = None):
+    """A causal LM and its tokenizer; errors (missing path, unreachable Hub) are one line."""
+    check_model_source(name)
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype])
+    except OSError as error:
+        raise UserError(f"cannot load model {name!r}: {str(error).splitlines()[0]}") from error
+    if device:
+        model.to(device)
+    return model, tokenizer
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def save_model(model, tokenizer, directory: str) -> None:
+    """A normal HF directory: safetensors, config, generation config, tokenizer."""
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)

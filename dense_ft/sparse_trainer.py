@@ -1,0 +1,44 @@
+"""``SparseTrainer``: a ``transformers.Trainer`` in which pruned weights stay exactly zero.
+
+The masks are captured once, from the model it is given. On every real optimizer step (not
+on gradient-accumulation micro-steps) the gradients of pruned weights are zeroed before
+clipping and the step, so the optimizer's moments for them stay zero, and the weights are
+re-masked right after the step. The mask is never re-derived from ``W == 0`` during
+training: a kept weight that passes through zero stays trainable.
+"""
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from .errors import UserError
+from .masks import SparsityMasks
+from .sparsity import check_sparsity
+
+__all__ = ["SparseTrainer", "check_sparsity"]
+
+
+class _ReapplyMasksAfterStep(TrainerCallback):
+    def __init__(self, masks: SparsityMasks):
+        self.masks = masks
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.masks.apply_to_weights()
+
+
+class SparseTrainer(Trainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.is_deepspeed_enabled:
+            raise UserError("DeepSpeed is not supported: its engine steps inside backward, before the masks "
+                            "can act; use DDP or FSDP2 (--fsdp)")
+        if self.args.fp16 and any(p.dtype == torch.float16 for p in self.model.parameters()):
+            raise UserError("--fp16 needs float32 weights (loss scaling cannot unscale float16 gradients): "
+                            "load the model in float32, or train with --bf16")
+        self.masks = SparsityMasks(self.model)
+        self.add_callback(_ReapplyMasksAfterStep(self.masks))
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.sync_gradients:
+            self.masks.apply_to_grads()
+        return loss

@@ -1,0 +1,121 @@
+"""Wanda pruning in whole blocks, one decoder layer at a time.
+
+For each linear layer, the Wanda score of a weight is ``|W_ij| * ||X_j||`` (the norm of its
+input column over the calibration tokens); a block's score is the mean over the block; the
+lowest-scoring ``floor(ratio * n_blocks)`` blocks of each matrix are zeroed. Each layer sees
+the outputs of the already-pruned layers before it.
+"""
+
+import math
+import random
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import UserError
+from .masks import BlockMask
+from .sparsity import PATTERN_KEY, prunable_linears
+
+
+class InputNormStats:
+    """Running mean (over calibration samples) of the squared norms of a layer's input columns."""
+
+    def __init__(self, in_features: int, device):
+        self.squared_norms = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.samples = 0
+
+    def add(self, inputs: torch.Tensor) -> None:
+        batch = inputs.shape[0] if inputs.dim() == 3 else 1
+        columns = inputs.reshape(-1, inputs.shape[-1]).float()
+        self.squared_norms *= self.samples / (self.samples + batch)
+        self.samples += batch
+        self.squared_norms += columns.pow(2).sum(dim=0) / self.samples
+
+
+def block_scores(weight: torch.Tensor, squared_norms: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Mean Wanda score of every ``block_size x block_size`` block: a (rows/b, cols/b) grid."""
+    rows, cols = weight.shape
+    b = block_size
+    scores = weight.detach().abs().float() * squared_norms.sqrt()
+    return scores.view(rows // b, b, cols // b, b).mean(dim=(1, 3))
+
+
+def lowest_blocks(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Bool grid marking exactly ``floor(ratio * n)`` lowest scores; ties go to the earlier block."""
+    count = math.floor(round(ratio * scores.numel(), 6))
+    order = torch.argsort(scores.flatten(), stable=True)
+    pruned = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    pruned[order[:count]] = True
+    return pruned.view(scores.shape)
+
+
+def check_block_shapes(model: nn.Module, block_size: int) -> None:
+    for name, linear in prunable_linears(model).items():
+        rows, cols = linear.weight.shape
+        if rows % block_size or cols % block_size:
+            raise UserError(f"{name}.weight is {rows}x{cols}, not a whole number of {block_size}x{block_size} blocks")
+
+
+def calibration_windows(token_ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``nsamples`` random windows of ``seqlen`` tokens from one long token sequence, seeded."""
+    if token_ids.numel() <= seqlen:
+        raise UserError(f"calibration text has {token_ids.numel()} tokens, fewer than --seqlen {seqlen} + 1")
+    rng = random.Random(seed)
+    starts = [rng.randint(0, token_ids.numel() - seqlen - 1) for _ in range(nsamples)]
+    return torch.stack([token_ids[start:start + seqlen] for start in starts])
+
+
+class _LayerInputsCaptured(Exception):
+    pass
+
+
+def capture_layer_inputs(model: nn.Module, windows: torch.Tensor, device) -> tuple[list, dict]:
+    """The hidden states entering the first decoder layer for each window, and its other arguments."""
+    first_layer = model.model.layers[0]
+    inputs, kwargs = [], {}
+
+    def capture(module, args, layer_kwargs):
+        inputs.append(args[0] if args else layer_kwargs.pop("hidden_states"))
+        kwargs.update({k: v for k, v in layer_kwargs.items() if k != "hidden_states"})
+        raise _LayerInputsCaptured
+
+    handle = first_layer.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        for window in windows:
+            try:
+                model(input_ids=window[None].to(device), use_cache=False)
+            except _LayerInputsCaptured:
+                pass
+    finally:
+        handle.remove()
+    return inputs, kwargs
+
+
+def _run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    output = layer(hidden, **kwargs)
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def prune_wanda_blocks(model: nn.Module, windows: torch.Tensor, ratio: float, block_size: int,
+                       device, progress: bool = True) -> None:
+    """Zero ``ratio`` of each decoder linear weight in ``block_size`` blocks and record the pattern."""
+    check_block_shapes(model, block_size)
+    hidden_states, kwargs = capture_layer_inputs(model, windows, device)
+    layers = model.model.layers
+    for layer in tqdm(layers, desc="Pruning layers", disable=not progress):
+        linears = {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        stats = {name: InputNormStats(m.in_features, m.weight.device) for name, m in linears.items()}
+        hooks = [m.register_forward_hook(lambda _m, args, _out, s=stats[name]: s.add(args[0]))
+                 for name, m in linears.items()]
+        for hidden in hidden_states:
+            _run_layer(layer, hidden, kwargs)
+        for hook in hooks:
+            hook.remove()
+        for name, linear in linears.items():
+            pruned = lowest_blocks(block_scores(linear.weight, stats[name].squared_norms, block_size), ratio)
+            BlockMask(pruned, block_size).apply_(linear.weight.data)
+        hidden_states = [_run_layer(layer, hidden, kwargs) for hidden in hidden_states]
+    setattr(model.config, PATTERN_KEY,
+            {"method": "wanda", "structure": "block", "block_size": block_size, "sparsity_ratio": ratio})
