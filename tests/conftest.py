@@ -1,0 +1,94 @@
+"""Shared fixtures: tiny Llama models built here, and the embedded default prepared by `make test`."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+
+import prepare_embedded  # noqa: E402
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from dense_ft.masks import BlockMask  # noqa: E402
+from dense_ft.sparsity import PATTERN_KEY, prunable_linears  # noqa: E402
+
+BLOCK = 16
+
+
+def tiny_llama(seed: int = 0, vocab_size: int = 256, layers: int = 2) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False)
+    return LlamaForCausalLM(config)
+
+
+def zero_random_blocks(model, ratio: float = 0.2, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Zero a random ``ratio`` of the 16x16 blocks of every prunable weight; record the pattern."""
+    generator = torch.Generator().manual_seed(seed)
+    pruned = {}
+    for name, linear in prunable_linears(model).items():
+        rows, cols = linear.weight.shape
+        grid = torch.rand(rows // BLOCK, cols // BLOCK, generator=generator) < ratio
+        with torch.no_grad():
+            BlockMask(grid, BLOCK).apply_(linear.weight)
+        pruned[name] = grid.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)
+    setattr(model.config, PATTERN_KEY, {"method": "random", "structure": "block", "block_size": BLOCK,
+                                        "sparsity_ratio": ratio})
+    return pruned
+
+
+def run_python(*args, timeout=600, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir() -> Path:
+    path = prepare_embedded.model_dir()
+    if not (path / "config.json").exists():
+        pytest.fail("the embedded default is not prepared: run `make test` (or scripts/prepare_embedded.py)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def embedded_corpus_dir() -> Path:
+    path = prepare_embedded.corpus_dir()
+    if not (path / "wiki.train.raw").exists():
+        pytest.fail("the embedded corpus is not prepared: run `make test` (or scripts/prepare_embedded.py)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(embedded_model_dir):
+    return AutoTokenizer.from_pretrained(embedded_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_pruned_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny Llama with 20% random 16x16 blocks zeroed, saved with the embedded tokenizer."""
+    model = tiny_llama(vocab_size=len(tokenizer))
+    zero_random_blocks(model)
+    path = tmp_path_factory.mktemp("tiny_pruned")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_corpus_dir(tmp_path_factory, embedded_corpus_dir) -> Path:
+    """A WikiText-layout directory small enough for a few training steps on the CPU."""
+    path = tmp_path_factory.mktemp("small_corpus")
+    for split, chars in (("train", 60_000), ("valid", 12_000), ("test", 12_000)):
+        text = (embedded_corpus_dir / f"wiki.{split}.raw").read_text(encoding="utf-8")
+        (path / f"wiki.{split}.raw").write_text(text[:chars], encoding="utf-8")
+    return path

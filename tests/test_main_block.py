@@ -1,0 +1,55 @@
+import json
+
+import pytest
+from conftest import run_python
+from transformers import AutoModelForCausalLM
+
+from dense_ft.masks import SparsityMasks
+from dense_ft.sparsity import PATTERN_KEY, check_sparsity
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "no/such/model_dir"], "model directory not found"),
+    (["--sparsity_ratio", "1.0"], "--sparsity_ratio must be in [0, 1)"),
+    (["--sparsity_ratio", "-0.1"], "--sparsity_ratio must be in [0, 1)"),
+    (["--block_size", "24", "--sparsity_ratio", "0.2"], "not a whole number of 24x24 blocks"),
+    (["--eval_dataset", "{missing}"], "corpus directory not found"),
+    (["--eval_dataset", "{empty}"], "lacks wiki.test.raw"),
+    (["--seqlen", "100000"], "exceeds the model's"),
+    (["--nsamples", "0"], "--nsamples must be positive"),
+])
+def test_bad_input_is_one_line_and_non_zero(extra, message, tmp_path, tiny_pruned_dir, small_corpus_dir):
+    (tmp_path / "empty").mkdir()
+    args = ["--model", tiny_pruned_dir, "--calib_dataset", small_corpus_dir, "--eval_dataset", small_corpus_dir,
+            "--seqlen", 64]
+    args += [a.format(missing=tmp_path / "missing/corpus", empty=tmp_path / "empty") for a in extra]
+    result = run_python("main_block.py", *args, timeout=120)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr.strip().splitlines()[-1]
+
+
+def test_prune_the_embedded_default_end_to_end(tmp_path, embedded_model_dir, embedded_corpus_dir):
+    common = ["--model", embedded_model_dir, "--eval_dataset", embedded_corpus_dir, "--seqlen", 256,
+              "--max_eval_windows", 4]
+    dense = run_python("main_block.py", *common, "--save", tmp_path / "dense")
+    assert dense.returncode == 0, dense.stderr[-3000:]
+    pruned = run_python("main_block.py", *common, "--sparsity_ratio", 0.2, "--nsamples", 8,
+                        "--calib_dataset", embedded_corpus_dir, "--save", tmp_path / "pruned",
+                        "--save_model", tmp_path / "pruned_model")
+    assert pruned.returncode == 0, pruned.stderr[-3000:]
+
+    dense_results = json.loads((tmp_path / "dense" / "results.json").read_text())
+    results = json.loads((tmp_path / "pruned" / "results.json").read_text())
+    assert results["perplexity"] > dense_results["perplexity"] > 1
+    assert (tmp_path / "pruned" / "log_wanda_block.txt").exists()
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned_model")
+    masks = SparsityMasks(model)
+    weights = sum(m.weight.numel() for m in masks.linears.values())
+    assert len(masks) == 210
+    assert f"{masks.num_pruned / weights:.4f}" in ("0.1999", "0.2000")  # floor(0.2 * blocks) per matrix
+    assert check_sparsity(model) == pytest.approx(results["actual_sparsity"])
+    assert 0.2 < check_sparsity(model) < 0.2005  # plus the stray zeros of the dequantized weights
+    assert getattr(model.config, PATTERN_KEY) == {"method": "wanda", "structure": "block", "block_size": 16,
+                                                  "sparsity_ratio": 0.2}

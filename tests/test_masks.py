@@ -1,0 +1,83 @@
+import pytest
+import torch
+from conftest import BLOCK, tiny_llama, zero_random_blocks
+
+from dense_ft.errors import UserError
+from dense_ft.masks import BlockMask, ElementMask, SparsityMasks, capture_mask, pack_bits, unpack_bits
+from dense_ft.sparsity import check_sparsity, layer_sparsity, prunable_linears
+
+
+def test_bits_round_trip():
+    flags = torch.rand(13, 7) < 0.3
+    assert torch.equal(unpack_bits(pack_bits(flags), flags.numel()).view(13, 7), flags)
+
+
+def block_pruned_weight(rows=64, cols=96, ratio=0.25, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, cols, generator=generator)
+    grid = torch.rand(rows // BLOCK, cols // BLOCK, generator=generator) < ratio
+    BlockMask(grid, BLOCK).apply_(weight)
+    return weight, grid
+
+
+def test_block_zeros_become_a_block_mask_of_one_bit_per_block():
+    weight, grid = block_pruned_weight()
+    mask = capture_mask(weight)
+    assert isinstance(mask, BlockMask)
+    assert torch.equal(mask.pruned_blocks, grid)
+    assert torch.equal(mask.dense(), weight == 0)
+    assert mask.nbytes == -(-grid.numel() // 8)
+
+
+def test_scattered_zeros_become_an_element_mask():
+    weight, _ = block_pruned_weight()
+    weight[3, 5] = 0.0  # inside a kept block
+    mask = capture_mask(weight)
+    assert isinstance(mask, ElementMask)
+    assert torch.equal(mask.dense(), weight == 0)
+
+
+def test_recorded_block_size_leaves_stray_zeros_trainable():
+    weight, grid = block_pruned_weight()
+    kept_row, kept_col = (~grid).nonzero()[0].tolist()
+    weight[kept_row * BLOCK, kept_col * BLOCK] = 0.0
+    mask = capture_mask(weight, block_size=BLOCK)
+    assert isinstance(mask, BlockMask) and torch.equal(mask.pruned_blocks, grid)
+    assert not mask.dense()[kept_row * BLOCK, kept_col * BLOCK]
+
+
+def test_no_zeros_no_mask_and_indivisible_shape_is_refused():
+    assert capture_mask(torch.randn(32, 32)) is None
+    with pytest.raises(UserError, match="cannot hold 16x16 blocks"):
+        capture_mask(torch.zeros(24, 32), block_size=BLOCK)
+
+
+def test_apply_zeroes_exactly_the_pruned_positions_even_nan():
+    weight, grid = block_pruned_weight()
+    mask = capture_mask(weight)
+    update = torch.randn_like(weight)
+    update[0, 0] = float("nan")
+    mask.apply_(update)
+    dense = mask.dense()
+    assert update[dense].eq(0).all()
+    assert mask.count_nonzero(update) == 0
+    assert update[~dense].ne(0).sum() >= (~dense).sum() - 1
+
+
+def test_sparsity_masks_over_a_model(tiny_pruned_dir):
+    model = tiny_llama()
+    pruned = zero_random_blocks(model, ratio=0.3)
+    masks = SparsityMasks(model)
+    assert set(masks.masks) == set(prunable_linears(model))
+    assert masks.num_pruned == sum(int(p.sum()) for p in pruned.values())
+    assert check_sparsity(model) == pytest.approx(masks.num_pruned / sum(p.numel() for p in pruned.values()))
+    with torch.no_grad():
+        for linear in prunable_linears(model).values():
+            linear.weight.add_(1.0)
+    assert sum(masks.violations().values()) == masks.num_pruned
+    masks.apply_to_weights()
+    assert masks.violations() == {}
+    zeros = {name: z for name, (z, _) in layer_sparsity(model).items()}
+    assert zeros == {name: int(p.sum()) for name, p in pruned.items()}
+    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert masks.nbytes * 1000 < parameter_bytes

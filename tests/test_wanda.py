@@ -1,0 +1,101 @@
+import math
+
+import torch
+from conftest import BLOCK, tiny_llama
+from torch import nn
+
+from dense_ft.sparsity import PATTERN_KEY, prunable_linears
+from dense_ft.wanda import InputNormStats, block_scores, lowest_blocks, prune_wanda_blocks
+
+
+def naive_lowest_blocks(weight, squared_norms, ratio, b=BLOCK):
+    """The upstream's way: a Python loop over every block, then the k lowest (first on ties)."""
+    metric = weight.abs() * squared_norms.sqrt()
+    scores = []
+    for i in range(weight.shape[0] // b):
+        for j in range(weight.shape[1] // b):
+            scores.append((metric[i * b:(i + 1) * b, j * b:(j + 1) * b].mean().item(), i, j))
+    k = math.floor(ratio * len(scores))
+    pruned = torch.zeros(weight.shape[0] // b, weight.shape[1] // b, dtype=torch.bool)
+    for _, i, j in sorted(scores, key=lambda s: s[0])[:k]:
+        pruned[i, j] = True
+    return pruned
+
+
+def test_vectorized_selection_equals_a_per_block_loop():
+    for seed in range(5):
+        generator = torch.Generator().manual_seed(seed)
+        weight = torch.randn(96, 160, generator=generator)
+        norms = torch.rand(160, generator=generator)
+        for ratio in (0.2, 0.5, 0.29):
+            fast = lowest_blocks(block_scores(weight, norms, BLOCK), ratio)
+            assert torch.equal(fast, naive_lowest_blocks(weight, norms, ratio))
+
+
+def test_exact_count_and_ties_do_not_over_prune():
+    scores = torch.zeros(4, 5)  # all tied: `score <= threshold` would prune everything
+    pruned = lowest_blocks(scores, 0.29)
+    assert int(pruned.sum()) == math.floor(0.29 * 20)
+    assert pruned.flatten()[:5].all() and not pruned.flatten()[5:].any()
+
+
+def test_input_norm_stats_is_the_running_mean_over_samples():
+    stats = InputNormStats(8, "cpu")
+    samples = [torch.randn(1, 10, 8) for _ in range(3)]
+    for sample in samples:
+        stats.add(sample)
+    expected = torch.stack([s[0].pow(2).sum(0) for s in samples]).mean(0)
+    assert torch.allclose(stats.squared_norms, expected, atol=1e-5)
+
+
+def test_pruning_a_model(tmp_path):
+    model = tiny_llama(layers=3).eval()
+    windows = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+
+    # Record what each layer's linears see, to check scores against the inputs of the pruned model.
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, args, out, n=name: seen.setdefault(n, []).append(args[0]))
+             for name, m in prunable_linears(model).items()]
+    original = {n: m.weight.detach().clone() for n, m in prunable_linears(model).items()}
+    prune_wanda_blocks(model, windows, 0.2, BLOCK, "cpu", progress=False)
+    for hook in hooks:
+        hook.remove()
+
+    assert getattr(model.config, PATTERN_KEY)["block_size"] == BLOCK
+    for name, linear in prunable_linears(model).items():
+        weight = linear.weight.detach()
+        rows, cols = weight.shape
+        grid = weight.view(rows // BLOCK, BLOCK, cols // BLOCK, BLOCK).eq(0).all(3).all(1)
+        assert int(grid.sum()) == math.floor(0.2 * grid.numel())
+        # Scores from the inputs this layer saw during calibration (the first pass per layer).
+        calibration_inputs = seen[name][:len(windows)]
+        norms = torch.stack([x[0].float().pow(2).sum(0) for x in calibration_inputs]).mean(0)
+        scores = block_scores(original[name], norms, BLOCK)
+        assert scores[grid].max() <= scores[~grid].min()
+        assert torch.equal(weight[~grid.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)],
+                           original[name][~grid.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)])
+
+
+def test_each_layer_is_calibrated_on_the_pruned_outputs_of_the_layers_before():
+    model = tiny_llama(layers=2).eval()
+    windows = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    layer1_inputs = []
+    hook = model.model.layers[1].register_forward_pre_hook(
+        lambda mod, args, kwargs: layer1_inputs.append((args[0] if args else kwargs["hidden_states"]).clone()),
+        with_kwargs=True)
+    prune_wanda_blocks(model, windows, 0.5, BLOCK, "cpu", progress=False)
+    hook.remove()
+
+    # What layer 0 of the finished (pruned) model gives is what layer 1 was calibrated on.
+    captured = []
+    hook = model.model.layers[1].register_forward_pre_hook(
+        lambda mod, args, kwargs: captured.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=windows[:1])
+    hook.remove()
+    assert torch.allclose(layer1_inputs[0], captured[0], atol=1e-5)
+
+
+def test_calibration_hooks_see_only_linear_inputs():
+    assert all(isinstance(m, nn.Linear) for m in prunable_linears(tiny_llama()).values())
+    assert not any("lm_head" in name or "embed" in name for name in prunable_linears(tiny_llama()))
