@@ -131,6 +131,14 @@ def describe_model(model) -> None:
     print(f"Trainable params: {trainable:,} || All params: {total:,} || Trainable%: {100 * trainable / total:.2f}")
 
 
+def evaluate(trainer: SparseTrainer, split: str) -> None:
+    """Evaluation loss and perplexity, printed and saved as ``{split}_results.json``."""
+    metrics = trainer.evaluate(metric_key_prefix=split)
+    metrics["perplexity"] = math.exp(min(metrics[f"{split}_loss"], 700))
+    trainer.log_metrics(split, metrics)
+    trainer.save_metrics(split, metrics, combined=False)
+
+
 def run(model_args: ModelArguments, data_args: DataArguments, training_args: SparseTrainingArguments) -> int:
     resume_from = checkpoint_to_resume(training_args)
     raw = load_raw_text(data_args)
@@ -156,6 +164,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Spa
         if resume_from:
             print(f"Resuming from checkpoint {resume_from}")
 
+    if eval_dataset is not None and not resume_from:
+        evaluate(trainer, "initial_eval")
     result = trainer.train(resume_from_checkpoint=resume_from)
     if stop_on_signal.requested:
         if main_process:
@@ -174,10 +184,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Spa
         print("Sparsity maintained: " + ("yes (every pruned weight is still zero)" if not violations else
                                          f"NO ({sum(violations.values())} pruned weights are non-zero)"))
     if eval_dataset is not None:
-        metrics = trainer.evaluate()
-        metrics["perplexity"] = math.exp(metrics["eval_loss"]) if metrics["eval_loss"] < 700 else float("inf")
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
+        evaluate(trainer, "eval")
     if main_process:
         print(f"Model saved to {training_args.output_dir}")
     return 1 if violations else 0

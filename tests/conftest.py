@@ -92,3 +92,15 @@ def small_corpus_dir(tmp_path_factory, embedded_corpus_dir) -> Path:
         text = (embedded_corpus_dir / f"wiki.{split}.raw").read_text(encoding="utf-8")
         (path / f"wiki.{split}.raw").write_text(text[:chars], encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def embedded_pruned(tmp_path_factory, embedded_model_dir, embedded_corpus_dir) -> Path:
+    """The embedded default pruned to 20% by main_block.py: ``results.json`` and ``pruned_model/``."""
+    path = tmp_path_factory.mktemp("embedded_pruned")
+    result = run_python("main_block.py", "--model", embedded_model_dir, "--calib_dataset", embedded_corpus_dir,
+                        "--eval_dataset", embedded_corpus_dir, "--seqlen", 256, "--max_eval_windows", 4,
+                        "--sparsity_ratio", 0.2, "--nsamples", 8, "--save", path, "--save_model",
+                        path / "pruned_model")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return path

@@ -1,0 +1,147 @@
+"""The fine-tuning entry point and the sparsity check, run as users run them."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO_ROOT, run_python
+from transformers import AutoModelForCausalLM
+
+from dense_ft.sparsity import prunable_linears
+
+FINETUNE = "dense_ft/finetune.py"
+
+
+def finetune_args(model_dir, corpus_dir, output_dir, *extra):
+    return [FINETUNE, "--model_name_or_path", model_dir, "--dataset_dir", corpus_dir, "--output_dir", output_dir,
+            "--block_size", 32, "--per_device_train_batch_size", 2, "--learning_rate", 1e-3, "--logging_steps", 1,
+            "--max_eval_samples", 4, "--report_to", "none", "--disable_tqdm", "true", "--seed", 0, *extra]
+
+
+def check_sparsity_cli(*args):
+    return run_python("-m", "dense_ft.check_sparsity", *args, timeout=120)
+
+
+def test_sigint_saves_a_checkpoint_and_the_rerun_resumes(tmp_path, tiny_pruned_dir, small_corpus_dir):
+    output = tmp_path / "run"
+    args = finetune_args(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 400, "--save_steps", 1000)
+    process = subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("Step 3:"):
+            process.send_signal(signal.SIGINT)
+            break
+    lines += process.stdout.readlines()
+    assert process.wait(timeout=120) == 130, "".join(lines[-30:])
+    stopped = re.search(r"interrupted at step (\d+): checkpoint saved to (\S+)\.", "".join(lines))
+    assert stopped, "".join(lines[-30:])
+    step = int(stopped.group(1))
+    assert 3 <= step < 400 and os.path.isdir(stopped.group(2))
+    assert not (output / "model.safetensors").exists()
+
+    rerun = run_python(*finetune_args(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", step + 2))
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert f"Resuming from checkpoint {stopped.group(2)}" in rerun.stdout
+    assert f"Step {step + 1}:" in rerun.stdout and "Step 1:" not in rerun.stdout
+    assert "Sparsity maintained: yes" in rerun.stdout
+    assert json.loads((output / "trainer_state.json").read_text())["global_step"] == step + 2
+    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json"):
+        assert (output / name).exists(), name
+    check = check_sparsity_cli(output, "--reference", tiny_pruned_dir)
+    assert check.returncode == 0 and "non-zero: 0" in check.stdout
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"--model_name_or_path": "missing/pruned/model"}, "model directory not found"),
+    ({"--dataset_dir": "{tmp}/no_corpus"}, "lacks wiki.train.raw"),
+    ({"--block_size": "100000"}, "exceeds the model's 256 positions"),
+    ({"--dataset_dir": "{tmp}/tiny_corpus"}, "no training sequence of 32 tokens"),
+    ({"--torch_dtype": "float16", "--fp16": "true"}, "--fp16 needs float32 weights"),
+])
+def test_bad_input_fails_in_one_line_and_keeps_the_output_dir(change, message, tmp_path, tiny_pruned_dir,
+                                                              small_corpus_dir):
+    (tmp_path / "no_corpus").mkdir()
+    (tmp_path / "tiny_corpus").mkdir()
+    for split in ("train", "valid"):
+        (tmp_path / "tiny_corpus" / f"wiki.{split}.raw").write_text(" = A = \n Short . \n")
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "keep.txt").write_text("saved earlier")
+    args = finetune_args(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 1)
+    for flag, value in change.items():
+        value = value.format(tmp=tmp_path)
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    result = run_python(*args, timeout=180)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr.strip().splitlines()[-1]
+    assert sorted(os.listdir(output)) == ["keep.txt"] and (output / "keep.txt").read_text() == "saved earlier"
+
+
+def test_a_finished_model_is_not_overwritten_without_asking(tmp_path, tiny_pruned_dir, small_corpus_dir):
+    output = tmp_path / "out"
+    first = run_python(*finetune_args(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 2,
+                                      "--save_strategy", "no"))
+    assert first.returncode == 0, first.stderr[-2000:]
+    saved = (output / "model.safetensors").stat().st_mtime_ns
+    again = run_python(*finetune_args(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 2))
+    assert again.returncode == 2 and "--overwrite_output_dir" in again.stderr
+    assert (output / "model.safetensors").stat().st_mtime_ns == saved
+    overwrite = run_python(*finetune_args(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 2,
+                                          "--overwrite_output_dir", "true"))
+    assert overwrite.returncode == 0, overwrite.stderr[-2000:]
+
+
+def test_check_sparsity_reference_catches_a_planted_violation(tmp_path, tiny_pruned_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_pruned_dir)
+    name, linear = list(prunable_linears(model).items())[3]
+    row, col = (linear.weight == 0).nonzero()[0].tolist()
+    with torch.no_grad():
+        linear.weight[row, col] = 1e-6
+    model.save_pretrained(tmp_path / "violated")
+
+    clean = check_sparsity_cli(tiny_pruned_dir, "--reference", tiny_pruned_dir, "--per_layer")
+    assert clean.returncode == 0
+    assert re.search(r"^Sparsity: 0\.\d{4}$", clean.stdout, re.M) and f"{name}  " in clean.stdout
+
+    violated = check_sparsity_cli(tmp_path / "violated", "--reference", tiny_pruned_dir, "--json")
+    assert violated.returncode == 1
+    report = json.loads(violated.stdout)
+    assert report["violations"] == 1 and report["violating_layers"] == {name: 1}
+    text = check_sparsity_cli(tmp_path / "violated", "--reference", tiny_pruned_dir)
+    assert text.returncode == 1 and "non-zero: 1" in text.stdout and f"  {name}: 1" in text.stdout
+
+    missing = check_sparsity_cli(tmp_path / "nowhere/at/all")
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith("error: model directory")
+
+
+def test_finetune_the_pruned_embedded_default(tmp_path, embedded_pruned, embedded_corpus_dir):
+    pruned = embedded_pruned / "pruned_model"
+    output = tmp_path / "finetuned"
+    started = time.time()
+    result = run_python(FINETUNE, "--model_name_or_path", pruned, "--dataset_dir", embedded_corpus_dir,
+                        "--output_dir", output, "--block_size", 128, "--max_train_samples", 32,
+                        "--max_eval_samples", 8, "--per_device_train_batch_size", 2, "--gradient_accumulation_steps",
+                        2, "--max_steps", 4, "--learning_rate", 1e-4, "--logging_steps", 2, "--save_strategy", "no",
+                        "--report_to", "none", "--disable_tqdm", "true")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert time.time() - started < 600
+    assert "Initial model sparsity: 0.2001" in result.stdout
+    assert re.search(r"Trainable params: ([\d,]+) \|\| All params: \1 \|\| Trainable%: 100.00", result.stdout)
+    assert re.search(r"^Step 2: loss=\d+\.\d{4}$", result.stdout, re.M)
+    before = json.loads((output / "initial_eval_results.json").read_text())["perplexity"]
+    after = json.loads((output / "eval_results.json").read_text())["perplexity"]
+    assert after < before
+    check = check_sparsity_cli(output, "--reference", pruned)
+    assert check.returncode == 0 and "non-zero: 0" in check.stdout
