@@ -1,0 +1,370 @@
+#!/usr/bin/env bash
+# Sparse full fine-tuning of a Wanda-pruned model (16x16 blocks, 20% sparsity) with
+# SparseTrainer: every weight trains, pruned weights stay exactly zero. See --help.
+set -euo pipefail
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+SCRIPT_NAME=$(basename "$0")
+
+# Training parameters: the guide's values, each overridable from the environment.
+PRUNED_MODEL=${PRUNED_MODEL:-out/llama2_7b/block_16x16_20sparsity/wanda/pruned_model}
+OUTPUT_DIR=${OUTPUT_DIR:-out/llama2_7b/block_16x16_20sparsity/wanda/dense_finetuned_model}
+DATASET=${DATASET:-wikitext}
+DATASET_CONFIG=${DATASET_CONFIG:-wikitext-2-raw-v1}
+DATASET_DIR=${DATASET_DIR:-}
+NUM_EPOCHS=${NUM_EPOCHS:-3}
+LEARNING_RATE=${LEARNING_RATE:-5e-5}
+BATCH_SIZE=${BATCH_SIZE:-1}
+BLOCK_SIZE=${BLOCK_SIZE:-1024}
+MAX_TRAIN_SAMPLES=${MAX_TRAIN_SAMPLES:-30000}
+EFFECTIVE_BATCH_SIZE=${EFFECTIVE_BATCH_SIZE:-8}
+LOGGING_STEPS=${LOGGING_STEPS:-10}
+SAVE_STEPS=${SAVE_STEPS:-200}
+MIN_GPU_MEMORY_GB=${MIN_GPU_MEMORY_GB:-40}
+ASSUME_YES=${ASSUME_YES:-0}
+PYTHON=${PYTHON:-python}
+TORCHRUN=${TORCHRUN:-torchrun}
+# Seconds torchrun gives the workers to save their checkpoint after Ctrl+C (its default is 30).
+SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-900}
+
+NUM_GPUS=1
+GPU_IDS="2"
+NNODES=1
+NODE_RANK=0
+MASTER_ADDR=""
+MASTER_PORT=29500
+DRY_RUN=0
+EXTRA_ARGS=()
+
+usage() {
+    cat <<EOF
+Usage: $SCRIPT_NAME [OPTIONS] [-- FINETUNE_ARGS...]
+
+Options:
+  --num_gpus N        Number of GPUs to use (default: 1)
+  --gpu_ids "X,Y"     Comma-separated GPU IDs (default: "2")
+  -h, --help          Show this help message
+  --yes               Continue without asking when GPU memory looks insufficient
+  --dry_run           Print the configuration and the command, then exit
+  --nnodes N          Number of nodes, for multi-node torchrun (default: 1)
+  --node_rank R       Rank of this node (default: 0)
+  --master_addr ADDR  Address of the rank-0 node (required when --nnodes > 1)
+  --master_port PORT  Port of the rank-0 node (default: 29500)
+  -- ARGS             Passed unchanged to dense_ft/finetune.py (any HF TrainingArguments flag)
+
+Examples:
+  Single GPU (default):     ./$SCRIPT_NAME
+  Single GPU (GPU 3):       ./$SCRIPT_NAME --num_gpus 1 --gpu_ids "3"
+  Dual GPU (GPU 2,3):       ./$SCRIPT_NAME --num_gpus 2 --gpu_ids "2,3"
+  Quad GPU (GPU 0-3):       ./$SCRIPT_NAME --num_gpus 4 --gpu_ids "0,1,2,3"
+
+Performance:
+  1 GPU: ~24-36 hours
+  2 GPUs: ~14-20 hours (1.7x speedup)
+  4 GPUs: ~8-12 hours (2.5-3x speedup)
+
+Environment variables (defaults in brackets):
+  PRUNED_MODEL          pruned model directory [$PRUNED_MODEL]
+  OUTPUT_DIR            output directory [$OUTPUT_DIR]
+  DATASET               Hub data set [$DATASET]
+  DATASET_CONFIG        its configuration [$DATASET_CONFIG]
+  DATASET_DIR           local corpus with wiki.{train,valid}.raw (replaces DATASET) [${DATASET_DIR:-unset}]
+  NUM_EPOCHS            epochs [$NUM_EPOCHS]
+  LEARNING_RATE         learning rate [$LEARNING_RATE]
+  BATCH_SIZE            per-device batch size [$BATCH_SIZE]
+  BLOCK_SIZE            tokens per sequence [$BLOCK_SIZE]
+  MAX_TRAIN_SAMPLES     cap on training sequences [$MAX_TRAIN_SAMPLES]
+  EFFECTIVE_BATCH_SIZE  batch x GPUs x accumulation [$EFFECTIVE_BATCH_SIZE]
+  LOGGING_STEPS         steps between loss lines [$LOGGING_STEPS]
+  SAVE_STEPS            steps between checkpoints [$SAVE_STEPS]
+  MIN_GPU_MEMORY_GB     free memory under which to warn [$MIN_GPU_MEMORY_GB]
+  ASSUME_YES=1          same as --yes
+  PYTHON, TORCHRUN      the interpreters to run [$PYTHON, $TORCHRUN]
+
+A rerun with the same OUTPUT_DIR resumes from its last checkpoint; Ctrl+C saves one first.
+EOF
+}
+
+die() {  # a one-line error, exit status 2 (bad input)
+    echo "Error: $*" >&2
+    exit 2
+}
+
+is_positive_int() { [[ $1 =~ ^[1-9][0-9]*$ ]]; }
+is_positive_number() { [[ $1 =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]] && [[ ! $1 =~ ^[0.]+([eE].*)?$ ]]; }
+
+parse_args() {
+    while [[ $# -gt 0 ]]; do
+        local flag=$1 value
+        case $flag in
+            -h|--help) usage; exit 0 ;;
+            --yes) ASSUME_YES=1; shift; continue ;;
+            --dry_run) DRY_RUN=1; shift; continue ;;
+            --) shift; EXTRA_ARGS=("$@"); return ;;
+            --*=*) value=${flag#*=}; flag=${flag%%=*}; shift ;;
+            --num_gpus|--gpu_ids|--nnodes|--node_rank|--master_addr|--master_port)
+                [[ $# -ge 2 && $2 != --* ]] || die "$flag needs a value (see --help)"
+                value=$2; shift 2 ;;
+            *) die "unknown option '$flag' (see --help)" ;;
+        esac
+        case $flag in
+            --num_gpus) NUM_GPUS=$value ;;
+            --gpu_ids) GPU_IDS=$value ;;
+            --nnodes) NNODES=$value ;;
+            --node_rank) NODE_RANK=$value ;;
+            --master_addr) MASTER_ADDR=$value ;;
+            --master_port) MASTER_PORT=$value ;;
+            *) die "unknown option '$flag' (see --help)" ;;
+        esac
+    done
+}
+
+validate_settings() {
+    is_positive_int "$NUM_GPUS" || die "--num_gpus must be a positive integer, got '$NUM_GPUS'"
+    is_positive_int "$NNODES" || die "--nnodes must be a positive integer, got '$NNODES'"
+    if ! [[ $NODE_RANK =~ ^[0-9]+$ ]] || (( NODE_RANK >= NNODES )); then
+        die "--node_rank must be an integer from 0 to $((NNODES - 1)), got '$NODE_RANK'"
+    fi
+    is_positive_int "$MASTER_PORT" || die "--master_port must be a port number, got '$MASTER_PORT'"
+    (( NNODES == 1 )) || [[ -n $MASTER_ADDR ]] || die "--nnodes $NNODES needs --master_addr"
+    local name
+    for name in BATCH_SIZE BLOCK_SIZE MAX_TRAIN_SAMPLES EFFECTIVE_BATCH_SIZE LOGGING_STEPS SAVE_STEPS; do
+        is_positive_int "${!name}" || die "$name must be a positive integer, got '${!name}'"
+    done
+    for name in NUM_EPOCHS LEARNING_RATE MIN_GPU_MEMORY_GB; do
+        is_positive_number "${!name}" || die "$name must be a positive number, got '${!name}'"
+    done
+    [[ -z $DATASET_DIR || -d $DATASET_DIR ]] || die "DATASET_DIR not found: $DATASET_DIR"
+}
+
+validate_gpu_ids() {
+    [[ $GPU_IDS =~ ^[0-9]+(,[0-9]+)*$ ]] || die "--gpu_ids must be comma-separated integers, got '$GPU_IDS'"
+    IFS=, read -r -a GPU_LIST <<< "$GPU_IDS"
+    (( ${#GPU_LIST[@]} == NUM_GPUS )) \
+        || die "--num_gpus $NUM_GPUS needs $NUM_GPUS GPU ids, got ${#GPU_LIST[@]} ('$GPU_IDS')"
+    local duplicate
+    duplicate=$(printf '%s\n' "${GPU_LIST[@]}" | sort | uniq -d | head -n 1)
+    [[ -z $duplicate ]] || die "--gpu_ids lists GPU $duplicate twice"
+}
+
+# Fills GPU_FREE_MB (index -> free MB) from nvidia-smi; returns 1 when there is no usable GPU.
+query_gpus() {
+    declare -gA GPU_FREE_MB=()
+    command -v nvidia-smi > /dev/null 2>&1 || return 1
+    local output index free
+    output=$(nvidia-smi --query-gpu=index,memory.free --format=csv,noheader,nounits 2> /dev/null) || return 1
+    while IFS=', ' read -r index free; do
+        [[ $index =~ ^[0-9]+$ && $free =~ ^[0-9]+$ ]] && GPU_FREE_MB[$index]=$free
+    done <<< "$output"
+    (( ${#GPU_FREE_MB[@]} > 0 ))
+}
+
+check_gpus_exist() {
+    local id available
+    available=$(printf '%s\n' "${!GPU_FREE_MB[@]}" | sort -n | paste -sd, -)
+    for id in "${GPU_LIST[@]}"; do
+        [[ -v "GPU_FREE_MB[$id]" ]] || die "GPU $id not found; nvidia-smi lists GPU(s) $available"
+    done
+}
+
+derive_accumulation() {
+    local processes=$1 n working=""
+    local per_step=$((BATCH_SIZE * processes))
+    if (( EFFECTIVE_BATCH_SIZE % per_step != 0 )); then
+        for (( n = 1; n <= EFFECTIVE_BATCH_SIZE / BATCH_SIZE; n++ )); do
+            (( EFFECTIVE_BATCH_SIZE % (BATCH_SIZE * n * NNODES) == 0 )) && working+="${working:+, }$n"
+        done
+        die "effective batch $EFFECTIVE_BATCH_SIZE is not a multiple of per-device batch $BATCH_SIZE x" \
+            "$processes GPU(s); GPU counts per node that work: ${working:-none}"
+    fi
+    GRAD_ACCUM=$((EFFECTIVE_BATCH_SIZE / per_step))
+}
+
+looks_like_local_path() { [[ $1 == /* || $1 == .* || $1 == \~* || $1 == */*/* ]]; }
+
+check_pruned_model() {
+    if [[ ! -d $PRUNED_MODEL ]] && looks_like_local_path "$PRUNED_MODEL"; then
+        echo "Error: Pruned model not found at $PRUNED_MODEL" >&2
+        echo "Please run pruning first:" >&2
+        echo "  python $SCRIPT_DIR/main_block.py --model meta-llama/Llama-2-7b-hf --sparsity_ratio 0.2" \
+             "--block_size 16 --save $(dirname "$PRUNED_MODEL") --save_model $PRUNED_MODEL" >&2
+        exit 1
+    fi
+}
+
+print_banner() {
+    cat <<EOF
+==========================================
+Dense Fine-tuning Configuration
+==========================================
+Method: Full fine-tuning with SparseTrainer
+Pruned model: $PRUNED_MODEL
+Output directory: $OUTPUT_DIR
+Dataset: $DATASET_DESCRIPTION
+
+GPU Configuration:
+  Number of GPUs: $NUM_GPUS
+  GPU IDs: $GPU_IDS
+  Training mode: $TRAINING_MODE
+
+Training Parameters:
+  Number of epochs: $NUM_EPOCHS
+  Learning rate: $LEARNING_RATE
+  Per-device batch size: $BATCH_SIZE
+  Gradient accumulation: $GRAD_ACCUM
+  Effective batch size: $EFFECTIVE_BATCH_SIZE
+  Block size: $BLOCK_SIZE
+  Max train samples: $MAX_TRAIN_SAMPLES
+==========================================
+
+EOF
+}
+
+# Prints free memory of every chosen GPU; asks (or, without a terminal, stops) when any is low.
+check_gpu_memory() {
+    local id free low=0
+    for id in "${GPU_LIST[@]}"; do
+        free=${GPU_FREE_MB[$id]}
+        echo "GPU $id: Available GPU memory: $free MB (~$((free / 1024)) GB)"
+        awk -v free="$free" -v min="$MIN_GPU_MEMORY_GB" 'BEGIN { exit !(free < min * 1024) }' && low=1
+    done
+    (( low )) || return 0
+    echo "⚠️  Warning: GPU memory may be insufficient!"
+    echo "Consider using LoRA fine-tuning instead."
+    if [[ $ASSUME_YES == 1 ]]; then
+        echo "Continue anyway? (y/n) y (--yes)"
+    elif [[ -t 0 ]]; then
+        local answer
+        read -r -p "Continue anyway? (y/n) " answer
+        [[ $answer == [yY]* ]] || { echo "Aborted."; exit 1; }
+    else
+        echo "Continue anyway? (y/n)"
+        echo "Error: no terminal to answer on; rerun with --yes (or ASSUME_YES=1) to continue" >&2
+        exit 1
+    fi
+}
+
+build_command() {
+    local finetune_args=(
+        "$SCRIPT_DIR/dense_ft/finetune.py"
+        --model_name_or_path "$PRUNED_MODEL"
+        --output_dir "$OUTPUT_DIR"
+        --num_train_epochs "$NUM_EPOCHS"
+        --learning_rate "$LEARNING_RATE"
+        --per_device_train_batch_size "$BATCH_SIZE"
+        --per_device_eval_batch_size "$BATCH_SIZE"
+        --gradient_accumulation_steps "$GRAD_ACCUM"
+        --block_size "$BLOCK_SIZE"
+        --max_train_samples "$MAX_TRAIN_SAMPLES"
+        --logging_steps "$LOGGING_STEPS"
+        --save_steps "$SAVE_STEPS"
+        --save_total_limit 2
+        --report_to none
+    )
+    if [[ -n $DATASET_DIR ]]; then
+        finetune_args+=(--dataset_dir "$DATASET_DIR")
+    else
+        finetune_args+=(--dataset_name "$DATASET" --dataset_config_name "$DATASET_CONFIG")
+    fi
+    if (( USE_GPU )); then
+        # The guide's recipe: bf16 weights and training, activations recomputed in backward.
+        finetune_args+=(--torch_dtype bfloat16 --bf16 true --activation_checkpointing true)
+    fi
+    finetune_args+=("${EXTRA_ARGS[@]}")
+
+    if (( USE_GPU && (NUM_GPUS > 1 || NNODES > 1) )); then
+        COMMAND=("$TORCHRUN" --nproc_per_node="$NUM_GPUS" --shutdown_timeout="$SHUTDOWN_TIMEOUT")
+        if (( NNODES > 1 )); then
+            COMMAND+=(--nnodes="$NNODES" --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR"
+                      --master_port="$MASTER_PORT")
+        else
+            COMMAND+=(--standalone)
+        fi
+        COMMAND+=("${finetune_args[@]}")
+    else
+        COMMAND=("$PYTHON" "${finetune_args[@]}")
+    fi
+}
+
+main() {
+    parse_args "$@"
+    validate_settings
+    validate_gpu_ids
+
+    USE_GPU=1
+    if query_gpus; then
+        check_gpus_exist
+        if (( NUM_GPUS > 1 || NNODES > 1 )); then
+            TRAINING_MODE="Multi-GPU (torchrun)"
+        else
+            TRAINING_MODE="Single GPU"
+        fi
+        derive_accumulation $((NUM_GPUS * NNODES))
+    else
+        USE_GPU=0
+        NUM_GPUS=0
+        GPU_IDS="none"
+        TRAINING_MODE="CPU (no GPU found)"
+        derive_accumulation 1
+    fi
+    check_pruned_model
+    if [[ -n $DATASET_DIR ]]; then
+        DATASET_DESCRIPTION="$DATASET_DIR (local)"
+    else
+        DATASET_DESCRIPTION="$DATASET ($DATASET_CONFIG)"
+    fi
+
+    print_banner
+    if (( USE_GPU )); then
+        check_gpu_memory
+    else
+        echo "No NVIDIA GPU found (nvidia-smi is missing or lists none): training on the CPU in one process."
+    fi
+    build_command
+
+    echo "🚀 Starting dense fine-tuning with SparseTrainer..."
+    if (( USE_GPU )); then
+        echo "Training mode: $NUM_GPUS GPU(s) on device(s): $GPU_IDS"
+    else
+        echo "Training mode: CPU"
+    fi
+    echo "Effective batch size: $EFFECTIVE_BATCH_SIZE"
+    echo "=========================================="
+    if (( DRY_RUN )); then
+        echo "Command:$(printf ' %q' "${COMMAND[@]}")"
+        exit 0
+    fi
+
+    local status=0
+    if (( USE_GPU )); then
+        export CUDA_VISIBLE_DEVICES=$GPU_IDS
+        if (( NUM_GPUS > 1 || NNODES > 1 )); then
+            echo "Using multi-GPU training with torchrun ($NUM_GPUS GPUs)..."
+        else
+            echo "Using single-GPU training..."
+        fi
+    fi
+    "${COMMAND[@]}" || status=$?
+
+    if (( status == 0 )); then
+        cat <<EOF
+==========================================
+✅ Dense fine-tuning finished. Model saved to $OUTPUT_DIR
+
+Next steps:
+1. Evaluate:
+   python $(printf '%q' "$SCRIPT_DIR/main_block.py") --model $(printf '%q' "$OUTPUT_DIR") --eval_zero_shot
+2. Verify sparsity is preserved:
+   PYTHONPATH=$(printf '%q' "$SCRIPT_DIR") python -m dense_ft.check_sparsity $(printf '%q' "$OUTPUT_DIR") \
+       --reference $(printf '%q' "$PRUNED_MODEL")
+==========================================
+EOF
+    elif (( status == 130 )); then
+        echo "Training interrupted; run the same command again to resume from the last checkpoint." >&2
+    else
+        echo "Error: training failed with exit status $status" >&2
+    fi
+    exit "$status"
+}
+
+main "$@"
