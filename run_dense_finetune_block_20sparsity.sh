@@ -29,6 +29,7 @@ SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-900}
 
 NUM_GPUS=1
 GPU_IDS="2"
+ENGINE=ddp
 NNODES=1
 NODE_RANK=0
 MASTER_ADDR=""
@@ -46,6 +47,8 @@ Options:
   -h, --help          Show this help message
   --yes               Continue without asking when GPU memory looks insufficient
   --dry_run           Print the configuration and the command, then exit
+  --engine E          ddp (default: a full replica per GPU) or fsdp (FSDP2: weights,
+                      gradients and optimizer states sharded across GPUs)
   --nnodes N          Number of nodes, for multi-node torchrun (default: 1)
   --node_rank R       Rank of this node (default: 0)
   --master_addr ADDR  Address of the rank-0 node (required when --nnodes > 1)
@@ -102,7 +105,7 @@ parse_args() {
             --dry_run) DRY_RUN=1; shift; continue ;;
             --) shift; EXTRA_ARGS=("$@"); return ;;
             --*=*) value=${flag#*=}; flag=${flag%%=*}; shift ;;
-            --num_gpus|--gpu_ids|--nnodes|--node_rank|--master_addr|--master_port)
+            --num_gpus|--gpu_ids|--engine|--nnodes|--node_rank|--master_addr|--master_port)
                 [[ $# -ge 2 && $2 != --* ]] || die "$flag needs a value (see --help)"
                 value=$2; shift 2 ;;
             *) die "unknown option '$flag' (see --help)" ;;
@@ -110,6 +113,7 @@ parse_args() {
         case $flag in
             --num_gpus) NUM_GPUS=$value ;;
             --gpu_ids) GPU_IDS=$value ;;
+            --engine) ENGINE=$value ;;
             --nnodes) NNODES=$value ;;
             --node_rank) NODE_RANK=$value ;;
             --master_addr) MASTER_ADDR=$value ;;
@@ -121,6 +125,7 @@ parse_args() {
 
 validate_settings() {
     is_positive_int "$NUM_GPUS" || die "--num_gpus must be a positive integer, got '$NUM_GPUS'"
+    [[ $ENGINE == ddp || $ENGINE == fsdp ]] || die "--engine must be ddp or fsdp, got '$ENGINE'"
     is_positive_int "$NNODES" || die "--nnodes must be a positive integer, got '$NNODES'"
     if ! [[ $NODE_RANK =~ ^[0-9]+$ ]] || (( NODE_RANK >= NNODES )); then
         die "--node_rank must be an integer from 0 to $((NNODES - 1)), got '$NODE_RANK'"
@@ -268,7 +273,12 @@ build_command() {
     fi
     if (( USE_GPU )); then
         # The guide's recipe: bf16 weights and training, activations recomputed in backward.
-        finetune_args+=(--torch_dtype bfloat16 --bf16 true --activation_checkpointing true)
+        finetune_args+=(--torch_dtype bfloat16 --bf16 true)
+        if [[ $ENGINE == fsdp ]]; then
+            finetune_args+=(--fsdp true --fsdp_config "$SCRIPT_DIR/configs/fsdp2.json")
+        else
+            finetune_args+=(--activation_checkpointing true)
+        fi
     fi
     finetune_args+=("${EXTRA_ARGS[@]}")
 
@@ -296,6 +306,7 @@ main() {
         check_gpus_exist
         if (( NUM_GPUS > 1 || NNODES > 1 )); then
             TRAINING_MODE="Multi-GPU (torchrun)"
+            [[ $ENGINE == ddp ]] || TRAINING_MODE="Multi-GPU (torchrun, FSDP2)"
         else
             TRAINING_MODE="Single GPU"
         fi

@@ -11,7 +11,7 @@ import sys
 from dense_ft.errors import UserError, exit_on_user_error
 from dense_ft.masks import SparsityMasks
 from dense_ft.modeling import check_model_source
-from dense_ft.sparsity import layer_sparsity, prunable_linears
+from dense_ft.sparsity import layer_sparsity
 
 WORST_LAYERS_SHOWN = 10
 
@@ -26,16 +26,6 @@ def load_weights_only(path: str):
         raise UserError(f"cannot load model {path!r}: {str(error).splitlines()[0]}") from error
 
 
-def reference_violations(model, reference) -> dict[str, int]:
-    masks = SparsityMasks(reference)
-    linears = prunable_linears(model)
-    if set(masks.masks) - set(linears):
-        raise UserError("the model and the reference do not have the same layers")
-    for name in masks.masks:
-        masks.linears[name] = linears[name]  # the reference's masks, applied to the model's weights
-    return masks.violations()
-
-
 def report(args) -> dict:
     model = load_weights_only(args.model_dir)
     layers = layer_sparsity(model)
@@ -45,7 +35,7 @@ def report(args) -> dict:
     if args.per_layer:
         result["layers"] = {name: z / n for name, (z, n) in layers.items()}
     if args.reference:
-        violations = reference_violations(model, load_weights_only(args.reference))
+        violations = SparsityMasks(load_weights_only(args.reference)).violations(model)
         result.update(reference=args.reference, violations=sum(violations.values()), violating_layers=violations)
     return result
 

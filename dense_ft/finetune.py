@@ -56,12 +56,21 @@ class SparseTrainingArguments(TrainingArguments):
     )
 
 
-class PrintLoss(TrainerCallback):
-    """``Step 10: loss=2.5432`` lines, as the guide shows them."""
+class PrintProgress(TrainerCallback):
+    """``Step 10: loss=2.5432`` lines, as the guide shows them, and each evaluation's perplexity."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs and "loss" in logs:
             print(f"Step {state.global_step}: loss={logs['loss']:.4f}", flush=True)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if state.is_world_process_zero and metrics and "eval_loss" in metrics:
+            print(f"Evaluation at step {state.global_step}: loss={metrics['eval_loss']:.4f}, "
+                  f"perplexity={perplexity(metrics['eval_loss']):.2f}", flush=True)
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 700))
 
 
 def load_raw_text(data_args: DataArguments):
@@ -131,12 +140,13 @@ def describe_model(model) -> None:
     print(f"Trainable params: {trainable:,} || All params: {total:,} || Trainable%: {100 * trainable / total:.2f}")
 
 
-def evaluate(trainer: SparseTrainer, split: str) -> None:
-    """Evaluation loss and perplexity, printed and saved as ``{split}_results.json``."""
-    metrics = trainer.evaluate(metric_key_prefix=split)
-    metrics["perplexity"] = math.exp(min(metrics[f"{split}_loss"], 700))
-    trainer.log_metrics(split, metrics)
-    trainer.save_metrics(split, metrics, combined=False)
+def save_initial_evaluation(trainer: SparseTrainer) -> None:
+    """The evaluation before the first step (``eval_on_start``) as ``initial_eval_results.json``."""
+    for record in trainer.state.log_history:
+        if "eval_loss" in record and record["step"] == 0:
+            metrics = {"initial_eval_loss": record["eval_loss"], "perplexity": perplexity(record["eval_loss"])}
+            trainer.save_metrics("initial_eval", metrics, combined=False)
+            return
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, training_args: SparseTrainingArguments) -> int:
@@ -151,21 +161,22 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Spa
     stop_on_signal = StopOnSignal()
     trainer = SparseTrainer(
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        processing_class=tokenizer, data_collator=default_data_collator, callbacks=[PrintLoss(), stop_on_signal],
+        processing_class=tokenizer, data_collator=default_data_collator, callbacks=[PrintProgress(), stop_on_signal],
     )
     main_process = trainer.is_world_process_zero()
+    initial_sparsity = check_sparsity(model)
     if main_process:
         print("*** Starting sparse full fine-tuning ***")
-        initial = check_sparsity(model)
-        print(f"Initial model sparsity: {initial:.4f}")
+        print(f"Initial model sparsity: {initial_sparsity:.4f}")
         if not trainer.masks:
             print("Warning: the model is not pruned (no pruned weights found); training it as a dense model.")
         describe_model(model)
         if resume_from:
             print(f"Resuming from checkpoint {resume_from}")
 
-    if eval_dataset is not None and not resume_from:
-        evaluate(trainer, "initial_eval")
+    # Evaluated inside the training loop: a trainer.evaluate() before train() leaves the model
+    # unwrapped by DDP (transformers 5.24), and the ranks would then never synchronize gradients.
+    training_args.eval_on_start = eval_dataset is not None and not resume_from
     result = trainer.train(resume_from_checkpoint=resume_from)
     if stop_on_signal.requested:
         if main_process:
@@ -174,17 +185,24 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Spa
                   "Run the same command again to resume.", flush=True)
         return INTERRUPTED_EXIT_CODE
 
+    if trainer.is_fsdp_enabled:  # the final save is a normal HF directory, whatever the checkpoints are
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model()
     trainer.save_state()
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     violations = trainer.masks.violations()
+    final_sparsity = check_sparsity(trainer.model)
     if main_process:
-        print(f"Final model sparsity: {check_sparsity(trainer.model):.4f}")
+        print(f"Final model sparsity: {final_sparsity:.4f}")
         print("Sparsity maintained: " + ("yes (every pruned weight is still zero)" if not violations else
                                          f"NO ({sum(violations.values())} pruned weights are non-zero)"))
     if eval_dataset is not None:
-        evaluate(trainer, "eval")
+        save_initial_evaluation(trainer)
+        metrics = trainer.evaluate()
+        metrics["perplexity"] = perplexity(metrics["eval_loss"])
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics, combined=False)
     if main_process:
         print(f"Model saved to {training_args.output_dir}")
     return 1 if violations else 0

@@ -6,11 +6,13 @@ A weight whose zeros are whole ``b x b`` blocks (what block pruning leaves) gets
 gets an ``ElementMask``: one bool per weight.
 """
 
+import warnings
+
 import torch
 from torch import nn
 
 from .errors import UserError
-from .sparsity import local_tensor, prunable_linears, sparsity_pattern
+from .sparsity import PATTERN_KEY, is_sharded, local_tensor, prunable_linears, sparsity_pattern, sum_over_shards
 
 DEFAULT_BLOCK_SIZE = 16
 _BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
@@ -67,6 +69,17 @@ class BlockMask:
         b = self.block_size
         return self.pruned_blocks.repeat_interleave(b, dim=0).repeat_interleave(b, dim=1)
 
+    @property
+    def num_rows(self) -> int:
+        return self.grid[0] * self.block_size
+
+    def rows(self, start: int, stop: int) -> "Mask":
+        """The mask of rows ``[start, stop)``: a BlockMask when they line up with blocks."""
+        b = self.block_size
+        if start % b == 0 and stop % b == 0:
+            return BlockMask(self.pruned_blocks[start // b:stop // b], b)
+        return ElementMask(self.dense()[start:stop])
+
 
 class ElementMask:
     """Pruned positions of one weight, one bool per weight."""
@@ -91,8 +104,26 @@ class ElementMask:
     def dense(self) -> torch.Tensor:
         return self.pruned
 
+    @property
+    def num_rows(self) -> int:
+        return self.pruned.shape[0]
+
+    def rows(self, start: int, stop: int) -> "ElementMask":
+        return ElementMask(self.pruned[start:stop])
+
 
 Mask = BlockMask | ElementMask
+
+
+def shard_row_offset(weight: torch.Tensor) -> int:
+    """First global row of this rank's shard of a DTensor sharded on dim 0 (FSDP2's layout)."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if any(not isinstance(p, Shard) or p.dim != 0 for p in weight.placements):
+        raise UserError(f"masks support weights sharded on rows (FSDP2), not {weight.placements}")
+    _, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, weight.placements)
+    return offset[0]
 
 
 def _whole_zero_blocks(zeros: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -131,12 +162,32 @@ class SparsityMasks:
             pattern = sparsity_pattern(model.config) if hasattr(model, "config") else None
             block_size = pattern["block_size"] if pattern else None
         self.block_size = block_size
-        self.linears: dict[str, nn.Linear] = {}
+        self.linears: dict[str, nn.Linear] = prunable_linears(model)
         self.masks: dict[str, Mask] = {}
-        for name, linear in prunable_linears(model).items():
+        for name, linear in self.linears.items():
             mask = capture_mask(local_tensor(linear.weight), block_size)
             if mask is not None:
-                self.linears[name], self.masks[name] = linear, mask
+                self.masks[name] = mask
+
+    def match_local_shards(self) -> None:
+        """After FSDP2 shards the weights by rows, keep only this rank's rows of each mask.
+
+        A shard whose rows do not start and end on block boundaries keeps an element mask of
+        its rows (exact, but one bool per weight): a warning names the layers.
+        """
+        misaligned = []
+        for name, weight, mask in list(self._weights_and_masks()):
+            rows = local_tensor(weight).shape[0]
+            if rows == mask.num_rows:
+                continue
+            start = shard_row_offset(weight)
+            self.masks[name] = mask.rows(start, start + rows)
+            if isinstance(mask, BlockMask) and isinstance(self.masks[name], ElementMask):
+                misaligned.append(name)
+        if misaligned:
+            warnings.warn(f"FSDP row shards of {len(misaligned)} weights (e.g. {misaligned[0]}) do not line up "
+                          f"with {self.block_size}-row blocks: their masks use one bool per weight. Choose a GPU "
+                          "count whose share of every weight's rows is a multiple of the block size.", stacklevel=2)
 
     def __len__(self) -> int:
         return len(self.masks)
@@ -156,10 +207,18 @@ class SparsityMasks:
                 mask.apply_(local_tensor(weight.grad))
 
     @torch.no_grad()
-    def violations(self) -> dict[str, int]:
-        """Non-zero weights at pruned positions, by layer (only layers that have any)."""
-        counts = {name: mask.count_nonzero(local_tensor(weight.data))
-                  for name, weight, mask in self._weights_and_masks()}
+    def violations(self, model: nn.Module | None = None) -> dict[str, int]:
+        """Non-zero weights at pruned positions, by layer (only layers that have any).
+
+        ``model`` (default: the model the masks were taken from) must have the same layers; with
+        sharded weights every rank must call this, as the counts are summed over ranks.
+        """
+        linears = self.linears if model is None else prunable_linears(model)
+        if linears.keys() != self.linears.keys():
+            raise UserError("the model and the reference do not have the same prunable layers")
+        counts = {name: self.masks[name].count_nonzero(local_tensor(linear.weight.data)) if name in self.masks else 0
+                  for name, linear in linears.items()}
+        counts = sum_over_shards(counts, any(is_sharded(linear.weight) for linear in linears.values()))
         return {name: count for name, count in counts.items() if count}
 
     @property
@@ -169,3 +228,18 @@ class SparsityMasks:
     @property
     def num_pruned(self) -> int:
         return sum(mask.num_pruned for mask in self.masks.values())
+
+
+@torch.no_grad()
+def prune_random_blocks(model: nn.Module, ratio: float, block_size: int = DEFAULT_BLOCK_SIZE, seed: int = 0) -> None:
+    """Zero a random ``ratio`` of the blocks of every prunable weight and record the pattern.
+
+    A baseline for Wanda, and a quick way to get a pruned model of any shape for tests and benchmarks.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for linear in prunable_linears(model).values():
+        rows, cols = linear.weight.shape
+        pruned = torch.rand(rows // block_size, cols // block_size, generator=generator) < ratio
+        BlockMask(pruned, block_size).apply_(linear.weight.data)
+    setattr(model.config, PATTERN_KEY, {"method": "random", "structure": "block", "block_size": block_size,
+                                        "sparsity_ratio": ratio})

@@ -9,6 +9,7 @@ training: a kept weight that passes through zero stays trainable.
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.training_args import ParallelMode
 
 from .errors import UserError
 from .masks import SparsityMasks
@@ -37,7 +38,21 @@ class SparseTrainer(Trainer):
         self.masks = SparsityMasks(self.model)
         self.add_callback(_ReapplyMasksAfterStep(self.masks))
 
+    def _check_replicas_synchronize(self, model) -> None:
+        """Several processes without DDP, FSDP or a model sharded at load would train apart, silently."""
+        if (self.args.parallel_mode == ParallelMode.DISTRIBUTED and not self.is_fsdp_enabled
+                and not self.is_distributed_loading_by_transformers
+                and not isinstance(model, torch.nn.parallel.DistributedDataParallel)):
+            raise RuntimeError("the model is not wrapped in DistributedDataParallel: the processes would not "
+                               "synchronize gradients (did something call trainer.evaluate() before train()?)")
+
+    def create_optimizer(self, model=None):
+        # With FSDP2 the optimizer is made after sharding: from here on each rank masks its own rows.
+        self.masks.match_local_shards()
+        return super().create_optimizer(model)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
+        self._check_replicas_synchronize(model)
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.accelerator.sync_gradients:
             self.masks.apply_to_grads()

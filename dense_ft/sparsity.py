@@ -27,16 +27,31 @@ def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The part of ``tensor`` this process holds (the local shard of a DTensor)."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    return hasattr(tensor, "to_local")
+
+
+def sum_over_shards(counts: dict[str, int], sharded: bool) -> dict[str, int]:
+    """Per-rank counts of sharded weights summed over all ranks (a collective: call it on every rank)."""
+    if not sharded or not counts:
+        return counts
+    import torch.distributed as dist
+
+    totals = torch.tensor(list(counts.values()), dtype=torch.int64,
+                          device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(totals)
+    return dict(zip(counts, totals.tolist(), strict=True))
 
 
 def layer_sparsity(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """(zeros, total) of every prunable weight, by module name."""
-    counts = {}
-    for name, linear in prunable_linears(model).items():
-        weight = local_tensor(linear.weight.detach())
-        counts[name] = (int((weight == 0).sum()), weight.numel())
-    return counts
+    """(zeros, total) of every prunable weight, by module name, over all shards."""
+    linears = prunable_linears(model)
+    zeros = {name: int((local_tensor(m.weight.detach()) == 0).sum()) for name, m in linears.items()}
+    zeros = sum_over_shards(zeros, any(is_sharded(m.weight) for m in linears.values()))
+    return {name: (zeros[name], m.weight.numel()) for name, m in linears.items()}
 
 
 @torch.no_grad()

@@ -18,8 +18,8 @@ sys.path.insert(0, str(REPO_ROOT / "scripts"))
 import prepare_embedded  # noqa: E402
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from dense_ft.masks import BlockMask  # noqa: E402
-from dense_ft.sparsity import PATTERN_KEY, prunable_linears  # noqa: E402
+from dense_ft.masks import SparsityMasks, prune_random_blocks  # noqa: E402
+from dense_ft.sparsity import prunable_linears  # noqa: E402
 
 BLOCK = 16
 
@@ -33,18 +33,11 @@ def tiny_llama(seed: int = 0, vocab_size: int = 256, layers: int = 2) -> LlamaFo
 
 
 def zero_random_blocks(model, ratio: float = 0.2, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Zero a random ``ratio`` of the 16x16 blocks of every prunable weight; record the pattern."""
-    generator = torch.Generator().manual_seed(seed)
-    pruned = {}
-    for name, linear in prunable_linears(model).items():
-        rows, cols = linear.weight.shape
-        grid = torch.rand(rows // BLOCK, cols // BLOCK, generator=generator) < ratio
-        with torch.no_grad():
-            BlockMask(grid, BLOCK).apply_(linear.weight)
-        pruned[name] = grid.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)
-    setattr(model.config, PATTERN_KEY, {"method": "random", "structure": "block", "block_size": BLOCK,
-                                        "sparsity_ratio": ratio})
-    return pruned
+    """Zero a random ``ratio`` of the 16x16 blocks of every prunable weight; the pruned positions by layer."""
+    prune_random_blocks(model, ratio, BLOCK, seed)
+    masks = SparsityMasks(model).masks
+    return {name: masks[name].dense() if name in masks else torch.zeros_like(linear.weight, dtype=torch.bool)
+            for name, linear in prunable_linears(model).items()}
 
 
 def run_python(*args, timeout=600, **kwargs) -> subprocess.CompletedProcess:

@@ -262,3 +262,16 @@ def test_a_real_cpu_run_on_a_tiny_pruned_model(tmp_path, tiny_pruned_dir, small_
                             str(tiny_pruned_dir)], cwd=REPO_ROOT, text=True, capture_output=True, timeout=120)
     assert check.returncode == 0 and "non-zero: 0" in check.stdout
     assert shutil.which("nvidia-smi", path=env["PATH"]) is None
+
+
+def test_fsdp_engine_hands_the_trainer_its_fsdp2_config(fake):
+    result = fake.run("--engine", "fsdp", "--num_gpus", "2", "--gpu_ids", "0,1")
+    assert result.returncode == 0, result.stderr
+    assert "Training mode: Multi-GPU (torchrun, FSDP2)" in result.stdout
+    argv = fake.argv("torchrun")
+    assert flag_value(argv, "--fsdp") == "true"
+    config = Path(flag_value(argv, "--fsdp_config"))
+    assert config.is_file() and '"version": 2' in config.read_text()
+    assert "--activation_checkpointing" not in argv  # FSDP2 checkpoints activations itself (config)
+    bad = fake.run("--engine", "deepspeed")
+    assert bad.returncode == 2 and "--engine must be ddp or fsdp" in bad.stderr

@@ -1,0 +1,112 @@
+"""SparseTrainer vs the plain Trainer: time per optimizer step, and mask memory.
+
+On the embedded default (SmolLM2-135M, float32, CPU) with 20% of its 16x16 blocks zeroed,
+batch 1 x 256 tokens and no accumulation (the case where masking weighs most), runs of
+both trainers alternate; the first step of each run is dropped as warm-up.
+
+    .venv/bin/python bench/bench_trainer_step.py [--rounds 3 --steps 6]
+"""
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "scripts")]
+
+from prepare_embedded import corpus_dir, model_dir  # noqa: E402
+
+from dense_ft.masks import SparsityMasks, prune_random_blocks  # noqa: E402
+from dense_ft.modeling import load_model  # noqa: E402
+from dense_ft.sparse_trainer import SparseTrainer  # noqa: E402
+
+SEQLEN = 256
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self):
+        self.durations, self._started = [], None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.durations.append(time.perf_counter() - self._started)
+
+
+def training_data(tokenizer, samples: int) -> Dataset:
+    text = (corpus_dir() / "wiki.train.raw").read_text(encoding="utf-8")
+    ids = tokenizer(text[:200_000]).input_ids
+    blocks = [ids[i * SEQLEN:(i + 1) * SEQLEN] for i in range(samples)]
+    return Dataset.from_dict({"input_ids": blocks, "labels": blocks})
+
+
+def step_times(trainer_class, model, data, steps: int, output_dir: str) -> list[float]:
+    timer = StepTimer()
+    args = TrainingArguments(output_dir, max_steps=steps, per_device_train_batch_size=1, learning_rate=5e-5,
+                             use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no",
+                             disable_tqdm=True, seed=0)
+    trainer_class(model=copy.deepcopy(model), args=args, train_dataset=data, callbacks=[timer]).train()
+    return timer.durations[1:]
+
+
+def masking_overhead(model, repeats: int = 5) -> float:
+    """Seconds to mask every gradient and every weight once (what SparseTrainer adds per step)."""
+    model = copy.deepcopy(model)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    masks = SparsityMasks(model)
+    runs = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        masks.apply_to_grads()
+        masks.apply_to_weights()
+        runs.append(time.perf_counter() - started)
+    return min(runs)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=6)
+    args = parser.parse_args()
+    model, tokenizer = load_model(str(model_dir()), "float32", "cpu")
+    prune_random_blocks(model, 0.2)
+    data = training_data(tokenizer, args.steps)
+
+    times = {"Trainer": [], "SparseTrainer": []}
+    with tempfile.TemporaryDirectory() as output_dir:
+        for round_index in range(args.rounds):
+            order = [Trainer, SparseTrainer] if round_index % 2 == 0 else [SparseTrainer, Trainer]
+            for trainer_class in order:
+                times[trainer_class.__name__] += step_times(trainer_class, model, data, args.steps, output_dir)
+
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    masks = SparsityMasks(model)
+    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = sum(m.weight.numel() for m in masks.linears.values())
+    print(json.dumps({
+        "torch_threads": torch.get_num_threads(),
+        "tokens_per_step": SEQLEN,
+        "median_step_seconds": {name: round(value, 3) for name, value in medians.items()},
+        "steps_timed": {name: len(values) for name, values in times.items()},
+        "step_time_ratio": round(medians["SparseTrainer"] / medians["Trainer"], 4),
+        "masking_seconds_per_step": round(masking_overhead(model), 4),
+        "mask_bytes": masks.nbytes,
+        "parameter_bytes": parameter_bytes,
+        "mask_over_parameter_bytes": f"{masks.nbytes / parameter_bytes:.5%}",
+        "mask_bits_per_prunable_weight": round(8 * masks.nbytes / weights, 5),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""One rank of the FSDP2 mask test, started by ``torchrun --nproc_per_node 2`` from test_distributed.py.
+
+``train`` shards a tiny pruned Llama with ``fully_shard`` (gloo, CPU), keeps only this rank's
+rows of each mask, trains a few AdamW steps and saves a distributed checkpoint; ``resume``
+loads that checkpoint into a fresh model, re-derives the masks from its shards' zeros and
+trains on. Each rank writes what it saw to ``OUT/rank{R}.{phase}.json``.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from conftest import tiny_llama, zero_random_blocks
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
+
+from dense_ft.masks import SparsityMasks
+from dense_ft.sparsity import check_sparsity, prunable_linears
+
+STEPS = 6
+
+
+def sharded_model(seed: int):
+    """A tiny pruned Llama sharded with FSDP2, its pruned positions, and its masks taken before sharding."""
+    model = tiny_llama(seed=seed)
+    pruned = zero_random_blocks(model)
+    masks = SparsityMasks(model)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model, pruned, masks
+
+
+def train(model, masks, steps: int, seed: int):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    generator = torch.Generator().manual_seed(seed + dist.get_rank())
+    for _ in range(steps):
+        ids = torch.randint(0, 256, (2, 32), generator=generator)
+        model(input_ids=ids, labels=ids).loss.backward()
+        masks.apply_to_grads()
+        optimizer.step()
+        masks.apply_to_weights()
+        optimizer.zero_grad()
+    return optimizer
+
+
+def full_weights_respect(model, pruned) -> bool:
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return all(state[f"{name}.weight"][pruned[name]].eq(0).all() for name in prunable_linears(model))
+
+
+def main(out: Path, phase: str) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    model, pruned, masks = sharded_model(seed=0 if phase == "train" else 1)
+    full_mask_bytes = masks.nbytes
+    if phase == "train":
+        masks.match_local_shards()  # what SparseTrainer does once FSDP2 has sharded the model
+        optimizer = train(model, masks, STEPS, seed=0)
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(out / "checkpoint"))
+    else:
+        state = {"model": get_model_state_dict(model)}
+        dcp.load(state, checkpoint_id=str(out / "checkpoint"))
+        set_model_state_dict(model, state["model"])
+        masks = SparsityMasks(model)  # re-derived from the zeros of this rank's loaded shards
+        train(model, masks, STEPS, seed=100)
+    q_proj = model.model.layers[0].self_attn.q_proj.weight
+    report = dict(
+        local_mask_bytes=masks.nbytes, full_mask_bytes=full_mask_bytes,
+        local_q_proj_shape=list(q_proj.to_local().shape), global_q_proj_shape=list(q_proj.shape),
+        local_masks={name: mask.pruned_blocks.tolist() for name, mask in masks.masks.items()
+                     if mask.pruned_blocks.any()},
+        violations=masks.violations(), sparsity=check_sparsity(model),
+        full_weights_respect_masks=bool(full_weights_respect(model, pruned)),
+    )
+    (out / f"rank{rank}.{phase}.json").write_text(json.dumps(report))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2])

@@ -1,0 +1,72 @@
+"""Two processes on the CPU (gloo): DDP through the fine-tuning entry point, and the FSDP2 mask path."""
+
+import json
+import sys
+
+import pytest
+from conftest import REPO_ROOT, run_python
+from safetensors.torch import load_file
+from test_finetune import check_sparsity_cli, finetune_args
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
+
+
+def run_torchrun(*args, timeout=600):
+    import subprocess
+
+    return subprocess.run([*TORCHRUN, *map(str, args)], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_ddp_on_two_processes_equals_one_process_with_the_same_effective_batch(tmp_path, tiny_pruned_dir,
+                                                                                small_corpus_dir):
+    # Sequential order: shuffling with 1 or 2 processes gives different (equally valid) orders.
+    common = ["--max_steps", 4, "--save_strategy", "no", "--use_cpu", "true", "--max_eval_samples", 2,
+              "--train_sampling_strategy", "sequential"]
+    single = run_python(*finetune_args(tiny_pruned_dir, small_corpus_dir, tmp_path / "single", *common,
+                                       "--per_device_train_batch_size", 4))
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = run_torchrun(*finetune_args(tiny_pruned_dir, small_corpus_dir, tmp_path / "ddp", *common,
+                                      "--per_device_train_batch_size", 2))
+    assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
+    assert ddp.stdout.count("*** Starting sparse full fine-tuning ***") == 1  # printed by rank 0 only
+
+    one, two = (load_file(tmp_path / run / "model.safetensors") for run in ("single", "ddp"))
+    assert one.keys() == two.keys()
+    for name in one:
+        assert (one[name] - two[name]).abs().max() < 1e-4, name  # unsynchronized replicas: ~5e-3
+    moved = load_file(tiny_pruned_dir / "model.safetensors")
+    assert any((moved[name] - two[name]).abs().max() > 1e-4 for name in two)
+    check = check_sparsity_cli(tmp_path / "ddp", "--reference", tiny_pruned_dir)
+    assert check.returncode == 0 and "non-zero: 0" in check.stdout
+
+
+@pytest.fixture(scope="module")
+def fsdp_reports(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    reports = {}
+    for phase in ("train", "resume"):
+        result = run_torchrun("tests/fsdp_worker.py", out, phase)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        reports[phase] = [json.loads((out / f"rank{rank}.{phase}.json").read_text()) for rank in (0, 1)]
+    return reports
+
+
+def test_fsdp2_each_rank_masks_only_its_rows(fsdp_reports):
+    ranks = fsdp_reports["train"]
+    for report in ranks:
+        assert report["global_q_proj_shape"] == [64, 64] and report["local_q_proj_shape"] == [32, 64]
+        assert report["local_mask_bytes"] <= 0.6 * report["full_mask_bytes"]
+    assert sum(r["local_mask_bytes"] for r in ranks) <= ranks[0]["full_mask_bytes"] + 2 * 14  # rounding to bytes
+    # The two ranks' row shards of each mask are different halves.
+    assert ranks[0]["local_masks"] != ranks[1]["local_masks"]
+
+
+def test_fsdp2_training_and_resume_keep_every_pruned_weight_zero(fsdp_reports):
+    for phase in ("train", "resume"):
+        for report in fsdp_reports[phase]:
+            assert report["violations"] == {}
+            assert report["full_weights_respect_masks"]
+            assert 0.1 < report["sparsity"] < 0.3
+    for trained, resumed in zip(fsdp_reports["train"], fsdp_reports["resume"], strict=True):
+        assert resumed["local_masks"] == trained["local_masks"]  # re-derived from the checkpoint's shards
