@@ -64,7 +64,7 @@ def main():
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     results = {"torch_threads": torch.get_num_threads()}
-    for label, shapes, repeats in (("smollm2_layer", SMOLLM2_LAYER, 3), ("llama2_7b_q_proj", LLAMA2_7B_Q, 1)):
+    for label, shapes, repeats in (("smollm2_layer", SMOLLM2_LAYER, 3), ("llama2_7b_q_proj", LLAMA2_7B_Q, 3)):
         timings = time_selection(shapes, repeats)
         results[f"selection_{label}"] = {**{k: round(v, 4) for k, v in timings.items()},
                                          "speedup": round(timings["per-block loop"] / timings["vectorized"], 1)}

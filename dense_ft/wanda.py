@@ -34,11 +34,19 @@ class InputNormStats:
 
 
 def block_scores(weight: torch.Tensor, squared_norms: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Mean Wanda score of every ``block_size x block_size`` block: a (rows/b, cols/b) grid."""
+    """Mean Wanda score of every ``block_size x block_size`` block: a (rows/b, cols/b) grid.
+
+    The mean of ``|W_ij| * sqrt(norm_j)`` over a block is ``sum_j sqrt(norm_j) * sum_i |W_ij| / b^2``.
+    Summing ``|W|`` over each block's rows first, one row of blocks' worth at a time into a float32
+    accumulator, reads the weight once and needs only a (rows/b, cols) temporary.
+    """
     rows, cols = weight.shape
     b = block_size
-    scores = weight.detach().abs().float() * squared_norms.sqrt()
-    return scores.view(rows // b, b, cols // b, b).mean(dim=(1, 3))
+    block_rows = weight.detach().view(rows // b, b, cols)
+    column_sums = block_rows[:, 0, :].float().abs()
+    for i in range(1, b):
+        column_sums.add_(block_rows[:, i, :].abs())
+    return column_sums.mul_(squared_norms.sqrt()).view(rows // b, cols // b, b).sum(dim=-1) / (b * b)
 
 
 def lowest_blocks(scores: torch.Tensor, ratio: float) -> torch.Tensor:
