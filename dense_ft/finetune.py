@@ -134,10 +134,19 @@ def parse_args(argv=None):
     return parser.parse_args_into_dataclasses(args=argv)
 
 
-def describe_model(model) -> None:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+def print_start(trainer: SparseTrainer, resume_from: str | None) -> None:
+    initial_sparsity = check_sparsity(trainer.model)
+    if not trainer.is_world_process_zero():
+        return
+    print("*** Starting sparse full fine-tuning ***")
+    print(f"Initial model sparsity: {initial_sparsity:.4f}")
+    if not trainer.masks:
+        print("Warning: the model is not pruned (no pruned weights found); training it as a dense model.")
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in trainer.model.parameters())
     print(f"Trainable params: {trainable:,} || All params: {total:,} || Trainable%: {100 * trainable / total:.2f}")
+    if resume_from:
+        print(f"Resuming from checkpoint {resume_from}")
 
 
 def save_initial_evaluation(trainer: SparseTrainer) -> None:
@@ -163,49 +172,45 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Spa
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         processing_class=tokenizer, data_collator=default_data_collator, callbacks=[PrintProgress(), stop_on_signal],
     )
-    main_process = trainer.is_world_process_zero()
-    initial_sparsity = check_sparsity(model)
-    if main_process:
-        print("*** Starting sparse full fine-tuning ***")
-        print(f"Initial model sparsity: {initial_sparsity:.4f}")
-        if not trainer.masks:
-            print("Warning: the model is not pruned (no pruned weights found); training it as a dense model.")
-        describe_model(model)
-        if resume_from:
-            print(f"Resuming from checkpoint {resume_from}")
+    print_start(trainer, resume_from)
 
     # Evaluated inside the training loop: a trainer.evaluate() before train() leaves the model
     # unwrapped by DDP (transformers 5.24), and the ranks would then never synchronize gradients.
     training_args.eval_on_start = eval_dataset is not None and not resume_from
     result = trainer.train(resume_from_checkpoint=resume_from)
     if stop_on_signal.requested:
-        if main_process:
+        if trainer.is_world_process_zero():
             checkpoint = os.path.join(training_args.output_dir, f"checkpoint-{trainer.state.global_step}")
             print(f"Training interrupted at step {trainer.state.global_step}: checkpoint saved to {checkpoint}. "
                   "Run the same command again to resume.", flush=True)
         return INTERRUPTED_EXIT_CODE
+    violations = save_and_report(trainer, result.metrics)
+    return 1 if violations else 0
 
+
+def save_and_report(trainer: SparseTrainer, train_metrics: dict) -> dict[str, int]:
+    """Save the model, state and metrics; print the final sparsity and evaluation; the violations."""
     if trainer.is_fsdp_enabled:  # the final save is a normal HF directory, whatever the checkpoints are
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model()
     trainer.save_state()
-    trainer.log_metrics("train", result.metrics)
-    trainer.save_metrics("train", result.metrics)
+    trainer.log_metrics("train", train_metrics)
+    trainer.save_metrics("train", train_metrics)
     violations = trainer.masks.violations()
     final_sparsity = check_sparsity(trainer.model)
-    if main_process:
+    if trainer.is_world_process_zero():
         print(f"Final model sparsity: {final_sparsity:.4f}")
         print("Sparsity maintained: " + ("yes (every pruned weight is still zero)" if not violations else
                                          f"NO ({sum(violations.values())} pruned weights are non-zero)"))
-    if eval_dataset is not None:
+    if trainer.eval_dataset is not None:
         save_initial_evaluation(trainer)
         metrics = trainer.evaluate()
         metrics["perplexity"] = perplexity(metrics["eval_loss"])
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics, combined=False)
-    if main_process:
-        print(f"Model saved to {training_args.output_dir}")
-    return 1 if violations else 0
+    if trainer.is_world_process_zero():
+        print(f"Model saved to {trainer.args.output_dir}")
+    return violations
 
 
 def main(argv=None) -> None:

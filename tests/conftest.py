@@ -45,20 +45,20 @@ def run_python(*args, timeout=600, **kwargs) -> subprocess.CompletedProcess:
                           timeout=timeout, **kwargs)
 
 
+def prepared(path: Path, marker: str) -> Path:
+    if not (path / marker).exists():
+        pytest.fail(f"the embedded default is not prepared ({path}): run `make test` or scripts/prepare_embedded.py")
+    return path
+
+
 @pytest.fixture(scope="session")
 def embedded_model_dir() -> Path:
-    path = prepare_embedded.model_dir()
-    if not (path / "config.json").exists():
-        pytest.fail("the embedded default is not prepared: run `make test` (or scripts/prepare_embedded.py)")
-    return path
+    return prepared(prepare_embedded.model_dir(), "config.json")
 
 
 @pytest.fixture(scope="session")
 def embedded_corpus_dir() -> Path:
-    path = prepare_embedded.corpus_dir()
-    if not (path / "wiki.train.raw").exists():
-        pytest.fail("the embedded corpus is not prepared: run `make test` (or scripts/prepare_embedded.py)")
-    return path
+    return prepared(prepare_embedded.corpus_dir(), "wiki.train.raw")
 
 
 @pytest.fixture(scope="session")

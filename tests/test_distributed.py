@@ -70,3 +70,9 @@ def test_fsdp2_training_and_resume_keep_every_pruned_weight_zero(fsdp_reports):
             assert 0.1 < report["sparsity"] < 0.3
     for trained, resumed in zip(fsdp_reports["train"], fsdp_reports["resume"], strict=True):
         assert resumed["local_masks"] == trained["local_masks"]  # re-derived from the checkpoint's shards
+
+
+def test_training_unsynchronized_replicas_is_refused(tmp_path):
+    result = run_torchrun("tests/ddp_guard_worker.py", tmp_path)
+    assert result.returncode != 0
+    assert result.stdout.count("refused: the model is not wrapped in DistributedDataParallel") == 2

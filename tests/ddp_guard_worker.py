@@ -1,0 +1,24 @@
+"""One rank of the DDP guard test: evaluate() before train() under torchrun must not train unsynchronized."""
+
+import sys
+
+import torch
+from conftest import tiny_llama, zero_random_blocks
+from datasets import Dataset
+from transformers import TrainingArguments
+
+from dense_ft.sparse_trainer import SparseTrainer
+
+ids = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(0)).tolist()
+data = Dataset.from_dict({"input_ids": ids, "labels": ids})
+model = tiny_llama()
+zero_random_blocks(model)
+args = TrainingArguments(sys.argv[1], max_steps=2, per_device_train_batch_size=2, use_cpu=True, report_to=[],
+                         save_strategy="no", disable_tqdm=True)
+trainer = SparseTrainer(model=model, args=args, train_dataset=data, eval_dataset=data)
+trainer.evaluate()  # in transformers 5.24 this leaves the model unwrapped by DDP
+try:
+    trainer.train()
+except RuntimeError as error:
+    print(f"refused: {error}", flush=True)
+    sys.exit(3)
