@@ -47,7 +47,8 @@ def fine_tune(pruned: Path, output: Path, sizes: dict, timings: dict) -> None:
            "DATASET_DIR": str(corpus_dir()), "BLOCK_SIZE": str(sizes["block_size"]), "NUM_EPOCHS": "1",
            "MAX_TRAIN_SAMPLES": str(sizes["train_samples"]), "BATCH_SIZE": "2",
            "LEARNING_RATE": sizes["learning_rate"], "LOGGING_STEPS": "2"}
-    run_stage("fine-tune", ["bash", "run_dense_finetune_block_20sparsity.sh", "--yes", "--",
+    # GPU 0 where there is one (the launcher's default is the guide's GPU 2); ignored on the CPU.
+    run_stage("fine-tune", ["bash", "run_dense_finetune_block_20sparsity.sh", "--gpu_ids", "0", "--yes", "--",
                             "--max_eval_samples", sizes["eval_samples"], "--eval_strategy", "steps",
                             "--eval_steps", sizes["eval_steps"], "--overwrite_output_dir", "true"], timings, env)
 

@@ -81,3 +81,15 @@ def test_sparsity_masks_over_a_model(tiny_pruned_dir):
     assert zeros == {name: int(p.sum()) for name, p in pruned.items()}
     parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     assert masks.nbytes * 1000 < parameter_bytes
+
+
+def test_row_shards_of_a_block_mask():
+    weight, _ = block_pruned_weight(rows=64)
+    mask = capture_mask(weight)
+    aligned = mask.rows(16, 48)  # an FSDP shard starting and ending on block rows
+    assert isinstance(aligned, BlockMask) and torch.equal(aligned.dense(), mask.dense()[16:48])
+    misaligned = mask.rows(8, 40)  # exact still, one bool per weight
+    assert isinstance(misaligned, ElementMask) and torch.equal(misaligned.dense(), mask.dense()[8:40])
+    shard = weight[8:40].clone() + 1.0
+    misaligned.apply_(shard)
+    assert misaligned.count_nonzero(shard) == 0 and shard[~misaligned.dense()].ne(0).all()
