@@ -8,26 +8,16 @@ import argparse
 import json
 import sys
 
-from dense_ft.errors import UserError, exit_on_user_error
+from dense_ft.errors import exit_on_user_error
 from dense_ft.masks import SparsityMasks
-from dense_ft.modeling import check_model_source
+from dense_ft.modeling import load_weights
 from dense_ft.sparsity import layer_sparsity
 
 WORST_LAYERS_SHOWN = 10
 
 
-def load_weights_only(path: str):
-    from transformers import AutoModelForCausalLM
-
-    check_model_source(path)
-    try:
-        return AutoModelForCausalLM.from_pretrained(path)
-    except OSError as error:
-        raise UserError(f"cannot load model {path!r}: {str(error).splitlines()[0]}") from error
-
-
 def report(args) -> dict:
-    model = load_weights_only(args.model_dir)
+    model = load_weights(args.model_dir)
     layers = layer_sparsity(model)
     zeros = sum(z for z, _ in layers.values())
     total = sum(n for _, n in layers.values())
@@ -35,7 +25,7 @@ def report(args) -> dict:
     if args.per_layer:
         result["layers"] = {name: z / n for name, (z, n) in layers.items()}
     if args.reference:
-        violations = SparsityMasks(load_weights_only(args.reference)).violations(model)
+        violations = SparsityMasks(load_weights(args.reference)).violations(model)
         result.update(reference=args.reference, violations=sum(violations.values()), violating_layers=violations)
     return result
 

@@ -23,16 +23,25 @@ def check_model_source(name: str) -> None:
         raise UserError(f"model directory not found: {name}")
 
 
-def load_model(name: str, dtype: str = "float32", device: str | None = None):
-    """A causal LM and its tokenizer; errors (missing path, unreachable Hub) are one line."""
+def _from_pretrained(auto_class, name: str, **kwargs):
+    try:
+        return auto_class.from_pretrained(name, **kwargs)
+    except OSError as error:
+        raise UserError(f"cannot load model {name!r}: {str(error).splitlines()[0]}") from error
+
+
+def load_weights(name: str, dtype: str = "float32"):
+    """A causal LM alone; errors (missing path, unreachable Hub) are one line."""
     check_model_source(name)
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype])
-    except OSError as error:
-        raise UserError(f"cannot load model {name!r}: {str(error).splitlines()[0]}") from error
+    return _from_pretrained(AutoModelForCausalLM, name, dtype=DTYPES[dtype])
+
+
+def load_model(name: str, dtype: str = "float32", device: str | None = None):
+    """A causal LM and its tokenizer."""
+    model = load_weights(name, dtype)
+    tokenizer = _from_pretrained(AutoTokenizer, name)
     if device:
         model.to(device)
     return model, tokenizer
