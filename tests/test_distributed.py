@@ -1,6 +1,7 @@
 """Two processes on the CPU (gloo): DDP through the fine-tuning entry point, and the FSDP2 mask path."""
 
 import json
+import subprocess
 import sys
 
 import pytest
@@ -12,8 +13,6 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "
 
 
 def run_torchrun(*args, timeout=600):
-    import subprocess
-
     return subprocess.run([*TORCHRUN, *map(str, args)], cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL)
 

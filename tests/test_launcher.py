@@ -113,6 +113,7 @@ def test_the_guide_examples(fake, args, gpus, mode, accumulation):
     assert fake.environ(launcher)["CUDA_VISIBLE_DEVICES"] == gpus
     if launcher == "torchrun":
         assert f"--nproc_per_node={len(gpus.split(','))}" in argv and "--standalone" in argv
+        assert "--shutdown_timeout=900" in argv  # time for the workers to save after Ctrl+C
         assert argv[argv.index("--standalone") + 1].endswith("dense_ft/finetune.py")
     assert "Next steps:" in out and "--eval_zero_shot" in out
 
@@ -142,6 +143,7 @@ def test_help_is_the_guides(fake):
     (["--gpu_ids", "7"], "GPU 7 not found; nvidia-smi lists GPU(s) 0,1,2,3"),
     (["--num_gpus", "3", "--gpu_ids", "0,1,2"], "GPU counts per node that work: 1, 2, 4, 8"),
     (["--nnodes", "2"], "--nnodes 2 needs --master_addr"),
+    (["--engine", "fsdp"], "--engine fsdp shards across processes: it needs --num_gpus 2 or more"),
 ])
 def test_bad_input_is_one_line_exit_2_and_starts_nothing(fake, args, message):
     result = fake.run(*args)

@@ -64,7 +64,7 @@ def test_apply_zeroes_exactly_the_pruned_positions_even_nan():
     assert update[~dense].ne(0).sum() >= (~dense).sum() - 1
 
 
-def test_sparsity_masks_over_a_model(tiny_pruned_dir):
+def test_sparsity_masks_over_a_model():
     model = tiny_llama()
     pruned = zero_random_blocks(model, ratio=0.3)
     masks = SparsityMasks(model)

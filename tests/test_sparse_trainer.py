@@ -158,9 +158,11 @@ def test_fp16_weights_with_fp16_training_are_refused(tmp_path):
 
 def test_a_dense_model_trains_without_masks(tmp_path):
     model = tiny_llama()
+    before = model.model.layers[0].mlp.up_proj.weight.detach().clone()
     trainer = SparseTrainer(model=model, args=training_args(tmp_path, max_steps=2), train_dataset=token_dataset())
     assert len(trainer.masks) == 0
     trainer.train()
+    assert not torch.equal(before, model.model.layers[0].mlp.up_proj.weight)
 
 
 class MovesEveryWeight(torch.optim.Optimizer):
