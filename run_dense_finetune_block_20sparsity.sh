@@ -282,7 +282,7 @@ build_command() {
     fi
     finetune_args+=("${EXTRA_ARGS[@]}")
 
-    if (( USE_GPU && (NUM_GPUS > 1 || NNODES > 1) )); then
+    if (( USE_TORCHRUN )); then
         COMMAND=("$TORCHRUN" --nproc_per_node="$NUM_GPUS" --shutdown_timeout="$SHUTDOWN_TIMEOUT")
         if (( NNODES > 1 )); then
             COMMAND+=(--nnodes="$NNODES" --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR"
@@ -296,43 +296,31 @@ build_command() {
     fi
 }
 
-main() {
-    parse_args "$@"
-    validate_settings
-    validate_gpu_ids
-
-    USE_GPU=1
-    if query_gpus; then
-        check_gpus_exist
-        if (( NUM_GPUS > 1 || NNODES > 1 )); then
-            TRAINING_MODE="Multi-GPU (torchrun)"
-            [[ $ENGINE == ddp ]] || TRAINING_MODE="Multi-GPU (torchrun, FSDP2)"
-        else
-            TRAINING_MODE="Single GPU"
-        fi
-        derive_accumulation $((NUM_GPUS * NNODES))
-    else
-        USE_GPU=0
+# Sets USE_GPU, USE_TORCHRUN, TRAINING_MODE and the gradient accumulation for this machine.
+choose_mode() {
+    USE_GPU=0
+    USE_TORCHRUN=0
+    if ! query_gpus; then
         NUM_GPUS=0
         GPU_IDS="none"
         TRAINING_MODE="CPU (no GPU found)"
         derive_accumulation 1
+        return
     fi
-    check_pruned_model
-    if [[ -n $DATASET_DIR ]]; then
-        DATASET_DESCRIPTION="$DATASET_DIR (local)"
-    else
-        DATASET_DESCRIPTION="$DATASET ($DATASET_CONFIG)"
+    check_gpus_exist
+    USE_GPU=1
+    TRAINING_MODE="Single GPU"
+    if (( NUM_GPUS > 1 || NNODES > 1 )); then
+        USE_TORCHRUN=1
+        TRAINING_MODE="Multi-GPU (torchrun)"
+        [[ $ENGINE == ddp ]] || TRAINING_MODE="Multi-GPU (torchrun, FSDP2)"
+    elif [[ $ENGINE == fsdp ]]; then
+        die "--engine fsdp shards across processes: it needs --num_gpus 2 or more (or several nodes)"
     fi
+    derive_accumulation $((NUM_GPUS * NNODES))
+}
 
-    print_banner
-    if (( USE_GPU )); then
-        check_gpu_memory
-    else
-        echo "No NVIDIA GPU found (nvidia-smi is missing or lists none): training on the CPU in one process."
-    fi
-    build_command
-
+print_start() {
     echo "🚀 Starting dense fine-tuning with SparseTrainer..."
     if (( USE_GPU )); then
         echo "Training mode: $NUM_GPUS GPU(s) on device(s): $GPU_IDS"
@@ -341,22 +329,10 @@ main() {
     fi
     echo "Effective batch size: $EFFECTIVE_BATCH_SIZE"
     echo "=========================================="
-    if (( DRY_RUN )); then
-        echo "Command:$(printf ' %q' "${COMMAND[@]}")"
-        exit 0
-    fi
+}
 
-    local status=0
-    if (( USE_GPU )); then
-        export CUDA_VISIBLE_DEVICES=$GPU_IDS
-        if (( NUM_GPUS > 1 || NNODES > 1 )); then
-            echo "Using multi-GPU training with torchrun ($NUM_GPUS GPUs)..."
-        else
-            echo "Using single-GPU training..."
-        fi
-    fi
-    "${COMMAND[@]}" || status=$?
-
+print_outcome() {
+    local status=$1
     if (( status == 0 )); then
         cat <<EOF
 ==========================================
@@ -375,6 +351,44 @@ EOF
     else
         echo "Error: training failed with exit status $status" >&2
     fi
+}
+
+main() {
+    parse_args "$@"
+    validate_settings
+    validate_gpu_ids
+    choose_mode
+    check_pruned_model
+    if [[ -n $DATASET_DIR ]]; then
+        DATASET_DESCRIPTION="$DATASET_DIR (local)"
+    else
+        DATASET_DESCRIPTION="$DATASET ($DATASET_CONFIG)"
+    fi
+
+    print_banner
+    if (( USE_GPU )); then
+        check_gpu_memory
+    else
+        echo "No NVIDIA GPU found (nvidia-smi is missing or lists none): training on the CPU in one process."
+    fi
+    build_command
+    print_start
+    if (( DRY_RUN )); then
+        echo "Command:$(printf ' %q' "${COMMAND[@]}")"
+        exit 0
+    fi
+
+    if (( USE_TORCHRUN )); then
+        echo "Using multi-GPU training with torchrun ($NUM_GPUS GPUs)..."
+    elif (( USE_GPU )); then
+        echo "Using single-GPU training..."
+    fi
+    if (( USE_GPU )); then
+        export CUDA_VISIBLE_DEVICES=$GPU_IDS
+    fi
+    local status=0
+    "${COMMAND[@]}" || status=$?
+    print_outcome "$status"
     exit "$status"
 }
 
