@@ -20,7 +20,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -51,26 +50,9 @@ def optimizer_for(recipe: str):
     return None
 
 
-class StepTimer:
-    def __init__(self):
-        from transformers import TrainerCallback
-
-        timer = self
-
-        class Callback(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kwargs):
-                timer.started = time.perf_counter()
-
-            def on_step_end(self, args, state, control, **kwargs):
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                timer.durations.append(time.perf_counter() - timer.started)
-
-        self.durations, self.started, self.callback = [], 0.0, Callback()
-
-
 def run_recipe(args) -> dict:
     from datasets import Dataset
+    from step_timer import StepTimer
     from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
     from dense_ft.masks import prune_random_blocks
@@ -90,7 +72,7 @@ def run_recipe(args) -> dict:
             bf16=True, activation_checkpointing=True, optim="adamw_torch", report_to=[], save_strategy="no",
             logging_strategy="no", disable_tqdm=True, use_cpu=args.device == "cpu",
         )
-        trainer = SparseTrainer(model=model, args=training_args, train_dataset=data, callbacks=[timer.callback],
+        trainer = SparseTrainer(model=model, args=training_args, train_dataset=data, callbacks=[timer],
                                 optimizer_cls_and_kwargs=optimizer_for(args.recipe))
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()

@@ -19,29 +19,19 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "scripts")]
 
 from prepare_embedded import corpus_dir, model_dir  # noqa: E402
+from step_timer import StepTimer  # noqa: E402
 
 from dense_ft.masks import SparsityMasks, prune_random_blocks  # noqa: E402
 from dense_ft.modeling import load_model  # noqa: E402
 from dense_ft.sparse_trainer import SparseTrainer  # noqa: E402
 
 SEQLEN = 256
-
-
-class StepTimer(TrainerCallback):
-    def __init__(self):
-        self.durations, self._started = [], None
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._started = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.durations.append(time.perf_counter() - self._started)
 
 
 def training_data(tokenizer, samples: int) -> Dataset:
