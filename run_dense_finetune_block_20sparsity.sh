@@ -20,6 +20,8 @@ MAX_TRAIN_SAMPLES=${MAX_TRAIN_SAMPLES:-30000}
 EFFECTIVE_BATCH_SIZE=${EFFECTIVE_BATCH_SIZE:-8}
 LOGGING_STEPS=${LOGGING_STEPS:-10}
 SAVE_STEPS=${SAVE_STEPS:-200}
+OPTIM=${OPTIM:-}
+OPTIM_ARGS=${OPTIM_ARGS:-}
 MIN_GPU_MEMORY_GB=${MIN_GPU_MEMORY_GB:-40}
 ASSUME_YES=${ASSUME_YES:-0}
 PYTHON=${PYTHON:-python}
@@ -80,6 +82,9 @@ Environment variables (defaults in brackets):
   EFFECTIVE_BATCH_SIZE  batch x GPUs x accumulation [$EFFECTIVE_BATCH_SIZE]
   LOGGING_STEPS         steps between loss lines [$LOGGING_STEPS]
   SAVE_STEPS            steps between checkpoints [$SAVE_STEPS]
+  OPTIM, OPTIM_ARGS     the Trainer's --optim and --optim_args [${OPTIM:-adamw_torch_fused}, ${OPTIM_ARGS:-unset}];
+                        OPTIM=adamw_torch_8bit OPTIM_ARGS=bf16_stochastic_round=True keeps the
+                        small updates that bf16 AdamW drops, in less memory (see the README)
   MIN_GPU_MEMORY_GB     free memory under which to warn [$MIN_GPU_MEMORY_GB]
   ASSUME_YES=1          same as --yes
   PYTHON, TORCHRUN      the interpreters to run [$PYTHON, $TORCHRUN]
@@ -266,6 +271,8 @@ build_command() {
         --save_total_limit 2
         --report_to none
     )
+    [[ -z $OPTIM ]] || finetune_args+=(--optim "$OPTIM")
+    [[ -z $OPTIM_ARGS ]] || finetune_args+=(--optim_args "$OPTIM_ARGS")
     if [[ -n $DATASET_DIR ]]; then
         finetune_args+=(--dataset_dir "$DATASET_DIR")
     else
@@ -275,7 +282,7 @@ build_command() {
         # The guide's recipe: bf16 weights and training, activations recomputed in backward.
         finetune_args+=(--torch_dtype bfloat16 --bf16 true)
         if [[ $ENGINE == fsdp ]]; then
-            finetune_args+=(--fsdp true --fsdp_config "$SCRIPT_DIR/configs/fsdp2.json")
+            finetune_args+=(--fsdp full_shard --fsdp_config "$SCRIPT_DIR/configs/fsdp2.json")
         else
             finetune_args+=(--activation_checkpointing true)
         fi

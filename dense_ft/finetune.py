@@ -158,10 +158,19 @@ def save_initial_evaluation(trainer: SparseTrainer) -> None:
             return
 
 
+def check_optimizer(training_args: SparseTrainingArguments, model) -> None:
+    """Refuse an --optim / --optim_args the Trainer cannot build (a missing package, say) before training."""
+    try:
+        SparseTrainer.get_optimizer_cls_and_kwargs(training_args, model)
+    except (ImportError, ValueError) as error:
+        raise UserError(f"--optim {training_args.optim.value}: {error}") from None
+
+
 def run(model_args: ModelArguments, data_args: DataArguments, training_args: SparseTrainingArguments) -> int:
     resume_from = checkpoint_to_resume(training_args)
     raw = load_raw_text(data_args)
     model, tokenizer = load_model(model_args.model_name_or_path, model_args.torch_dtype)
+    check_optimizer(training_args, model)
     if data_args.block_size > model.config.max_position_embeddings:
         raise UserError(f"--block_size {data_args.block_size} exceeds the model's "
                         f"{model.config.max_position_embeddings} positions")

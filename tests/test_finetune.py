@@ -1,5 +1,6 @@
 """The fine-tuning entry point and the sparsity check, run as users run them."""
 
+import importlib.util
 import json
 import os
 import re
@@ -65,6 +66,9 @@ def test_sigint_saves_a_checkpoint_and_the_rerun_resumes(tmp_path, tiny_pruned_d
     ({"--block_size": "100000"}, "exceeds the model's 256 positions"),
     ({"--dataset_dir": "{tmp}/tiny_corpus"}, "no training sequence of 32 tokens"),
     ({"--torch_dtype": "float16", "--fp16": "true"}, "--fp16 needs float32 weights"),
+    pytest.param({"--optim": "adamw_torch_8bit"}, "--optim adamw_torch_8bit: You need to have `torchao",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("torchao") is not None,
+                                          reason="torchao is installed")),
 ])
 def test_bad_input_fails_in_one_line_and_keeps_the_output_dir(change, message, tmp_path, tiny_pruned_dir,
                                                               small_corpus_dir):

@@ -271,9 +271,19 @@ def test_fsdp_engine_hands_the_trainer_its_fsdp2_config(fake):
     assert result.returncode == 0, result.stderr
     assert "Training mode: Multi-GPU (torchrun, FSDP2)" in result.stdout
     argv = fake.argv("torchrun")
-    assert flag_value(argv, "--fsdp") == "true"
+    assert flag_value(argv, "--fsdp") == "full_shard"
     config = Path(flag_value(argv, "--fsdp_config"))
     assert config.is_file() and '"version": 2' in config.read_text()
     assert "--activation_checkpointing" not in argv  # FSDP2 checkpoints activations itself (config)
     bad = fake.run("--engine", "deepspeed")
     assert bad.returncode == 2 and "--engine must be ddp or fsdp" in bad.stderr
+
+
+def test_optimizer_variables_reach_the_trainer(fake):
+    result = fake.run(OPTIM="adamw_torch_8bit", OPTIM_ARGS="bf16_stochastic_round=True")
+    assert result.returncode == 0, result.stderr
+    argv = fake.argv("python")
+    assert flag_value(argv, "--optim") == "adamw_torch_8bit"
+    assert flag_value(argv, "--optim_args") == "bf16_stochastic_round=True"
+    assert fake.run().returncode == 0
+    assert "--optim" not in fake.argv("python") and "--optim_args" not in fake.argv("python")
