@@ -15,18 +15,22 @@ from .errors import UserError
 from .sparsity import PATTERN_KEY, is_sharded, local_tensor, prunable_linears, sparsity_pattern, sum_over_shards
 
 DEFAULT_BLOCK_SIZE = 16
-_BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+
+def _bit_shifts(device: torch.device) -> torch.Tensor:
+    # Made on the device, not copied there: a blocking host-to-device copy synchronizes the CUDA stream.
+    return torch.arange(8, dtype=torch.uint8, device=device)
 
 
 def pack_bits(flags: torch.Tensor) -> torch.Tensor:
     """Bools to uint8, eight to a byte (little-endian within the byte)."""
     flat = flags.flatten().to(torch.uint8)
     flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)])
-    return (flat.view(-1, 8) << _BIT_SHIFTS.to(flat.device)).sum(dim=1, dtype=torch.uint8)
+    return (flat.view(-1, 8) << _bit_shifts(flat.device)).sum(dim=1, dtype=torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
-    bits = (packed[:, None] >> _BIT_SHIFTS.to(packed.device)) & 1
+    bits = (packed[:, None] >> _bit_shifts(packed.device)) & 1
     return bits.flatten()[:count].bool()
 
 
@@ -37,6 +41,7 @@ class BlockMask:
         self.grid = tuple(pruned_blocks.shape)
         self.block_size = block_size
         self.bits = pack_bits(pruned_blocks)
+        self.num_pruned_blocks = int(pruned_blocks.sum())
 
     @property
     def pruned_blocks(self) -> torch.Tensor:
@@ -48,7 +53,7 @@ class BlockMask:
 
     @property
     def num_pruned(self) -> int:
-        return int(self.pruned_blocks.sum()) * self.block_size**2
+        return self.num_pruned_blocks * self.block_size**2
 
     def _blocked(self, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows, cols = self.grid
@@ -57,8 +62,15 @@ class BlockMask:
         return tensor.view(rows, b, cols, b), pruned
 
     def apply_(self, tensor: torch.Tensor) -> None:
-        blocks, pruned = self._blocked(tensor)
-        blocks.masked_fill_(pruned, 0)
+        """Zero the pruned blocks of ``tensor``, writing only them (a masked fill reads and writes it all).
+
+        The number of pruned blocks is known, so finding them needs no device-to-host sync.
+        """
+        rows, cols = self.grid
+        b = self.block_size
+        pruned = self.pruned_blocks.to(tensor.device).flatten()
+        index = torch.nonzero_static(pruned, size=self.num_pruned_blocks).squeeze(1)
+        tensor.view(rows, b, cols, b).transpose(1, 2)[index // cols, index % cols] = 0
 
     def count_nonzero(self, tensor: torch.Tensor) -> int:
         """How many pruned positions of ``tensor`` are not zero."""
@@ -79,6 +91,10 @@ class BlockMask:
         if start % b == 0 and stop % b == 0:
             return BlockMask(self.pruned_blocks[start // b:stop // b], b)
         return ElementMask(self.dense()[start:stop])
+
+    def to(self, device: torch.device) -> "BlockMask":
+        self.bits = self.bits.to(device)
+        return self
 
 
 class ElementMask:
@@ -110,6 +126,10 @@ class ElementMask:
 
     def rows(self, start: int, stop: int) -> "ElementMask":
         return ElementMask(self.pruned[start:stop])
+
+    def to(self, device: torch.device) -> "ElementMask":
+        self.pruned = self.pruned.to(device)
+        return self
 
 
 Mask = BlockMask | ElementMask
@@ -170,20 +190,20 @@ class SparsityMasks:
                 self.masks[name] = mask
 
     def match_local_shards(self) -> None:
-        """After FSDP2 shards the weights by rows, keep only this rank's rows of each mask.
+        """After FSDP2 shards the weights by rows, keep only this rank's rows of each mask, on its device.
 
         A shard whose rows do not start and end on block boundaries keeps an element mask of
         its rows (exact, but one bool per weight): a warning names the layers.
         """
         misaligned = []
         for name, weight, mask in list(self._weights_and_masks()):
-            rows = local_tensor(weight).shape[0]
-            if rows == mask.num_rows:
-                continue
-            start = shard_row_offset(weight)
-            self.masks[name] = mask.rows(start, start + rows)
-            if isinstance(mask, BlockMask) and isinstance(self.masks[name], ElementMask):
-                misaligned.append(name)
+            local = local_tensor(weight)
+            if local.shape[0] != mask.num_rows:
+                start = shard_row_offset(weight)
+                mask = mask.rows(start, start + local.shape[0])
+                if isinstance(self.masks[name], BlockMask) and isinstance(mask, ElementMask):
+                    misaligned.append(name)
+            self.masks[name] = mask.to(local.device)
         if misaligned:
             warnings.warn(f"FSDP row shards of {len(misaligned)} weights (e.g. {misaligned[0]}) do not line up "
                           f"with {self.block_size}-row blocks: their masks use one bool per weight. Choose a GPU "
