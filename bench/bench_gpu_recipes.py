@@ -1,17 +1,21 @@
 """Memory and speed of single-GPU recipes for sparse full fine-tuning of a Llama-2-7B-shaped model.
 
 Builds the model from its config (random weights: no download), zeroes 20% of its 16x16
-blocks, trains a few steps of SparseTrainer per recipe (each in its own process, so peak
-memory is clean) and reports peak GPU memory, tokens/s, MFU, and the projected wall time of
-the guide's job (3 epochs of WikiText-2 train at block size 1024: about 8.5 M tokens).
+blocks, trains a few optimizer steps per recipe (each in its own process, so peak memory is
+clean) at the guide's settings (batch 1 x 1024 tokens, accumulation 8, bf16, activation
+checkpointing) and reports peak GPU memory, tokens/s, MFU, the projected wall time of the
+guide's job (3 epochs of WikiText-2 train at block size 1024: about 8.5 M tokens) and the
+projected per-GPU memory of the same recipe under FSDP2 on 2 GPUs.
 
     python bench/bench_gpu_recipes.py                       # every recipe, Llama-2-7B shape, cuda
-    python bench/bench_gpu_recipes.py --config tiny --device cpu --recipes guide   # smoke test
+    python bench/bench_gpu_recipes.py --config tiny --device cpu --recipes bf16,8bit-sr   # smoke test
 
 Recipes (weights / optimizer states / what happens to small updates):
-  guide     bf16 weights, bf16 AdamW states (the guide's ~55-65 GB): drops updates < ~1/256 of a weight
-  8bit-sr   bf16 weights, torchao 8-bit AdamW with bf16 stochastic rounding: keeps them on average
-  offload   bf16 weights, torchao CPU-offloaded AdamW with fp32 master copies on the CPU: keeps them
+  bf16           the guide's: bf16 weights and AdamW states; drops updates < ~1/256 of a weight
+  bf16-unmasked  the same through the plain Trainer: the cost of SparseTrainer's masking
+  8bit-sr        --optim adamw_torch_8bit --optim_args bf16_stochastic_round=True: keeps them on average
+  4bit-sr        --optim adamw_torch_4bit --optim_args bf16_stochastic_round=True: keeps them on average
+The 8-bit and 4-bit recipes need ``pip install torchao==0.18.0``.
 """
 
 import argparse
@@ -23,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from step_timer import StepTimer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
@@ -35,77 +40,125 @@ CONFIGS = {
                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024),
 }
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, per GPU
+STOCHASTIC_ROUNDING = "bf16_stochastic_round=True"
+RECIPES = {  # recipe -> TrainingArguments overrides
+    "bf16": {},
+    "bf16-unmasked": {},
+    "8bit-sr": {"optim": "adamw_torch_8bit", "optim_args": STOCHASTIC_ROUNDING},
+    "4bit-sr": {"optim": "adamw_torch_4bit", "optim_args": STOCHASTIC_ROUNDING},
+}
+# Bytes per parameter that FSDP2 would shard: bf16 weights + bf16 gradients + optimizer states.
+SHARDED_BYTES_PER_PARAMETER = {"bf16": 8, "bf16-unmasked": 8, "8bit-sr": 6, "4bit-sr": 5}
 
 
-def optimizer_for(recipe: str):
-    """(optimizer class, kwargs) for the Trainer's ``optimizer_cls_and_kwargs``, or None for --optim."""
-    if recipe == "8bit-sr":
-        from torchao.optim import AdamW8bit
+def build_model(config_name: str, device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-        return AdamW8bit, {"lr": 5e-5, "bf16_stochastic_round": True}
-    if recipe == "offload":
-        from torchao.optim import CPUOffloadOptimizer
+    from dense_ft.masks import prune_random_blocks
 
-        return CPUOffloadOptimizer, {"optimizer_class": torch.optim.AdamW, "lr": 5e-5, "fused": True}
-    return None
+    config = LlamaConfig(**CONFIGS[config_name])
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    torch.set_default_dtype(torch.float32)
+    prune_random_blocks(model, 0.2)
+    return model
 
 
 def run_recipe(args) -> dict:
     from datasets import Dataset
-    from step_timer import StepTimer
-    from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
-    from dense_ft.masks import prune_random_blocks
     from dense_ft.sparse_trainer import SparseTrainer
 
-    config = LlamaConfig(**CONFIGS[args.config])
-    with torch.device(args.device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    prune_random_blocks(model, 0.2)
+    model = build_model(args.config, args.device)
     parameters = sum(p.numel() for p in model.parameters())
-    tokens = torch.randint(0, config.vocab_size, (args.steps * args.batch, args.seqlen)).tolist()
+    unsharded = fsdp2_unsharded_parameters(model)
+    samples = args.steps * args.accumulation * args.batch
+    tokens = torch.randint(0, model.config.vocab_size, (samples, args.seqlen)).tolist()
     data = Dataset.from_dict({"input_ids": tokens, "labels": tokens})
     timer = StepTimer()
+    trainer_class = Trainer if args.recipe == "bf16-unmasked" else SparseTrainer
     with tempfile.TemporaryDirectory() as output_dir:
         training_args = TrainingArguments(
-            output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch, learning_rate=5e-5,
-            bf16=True, activation_checkpointing=True, optim="adamw_torch", report_to=[], save_strategy="no",
-            logging_strategy="no", disable_tqdm=True, use_cpu=args.device == "cpu",
+            output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch,
+            gradient_accumulation_steps=args.accumulation, learning_rate=5e-5, bf16=True,
+            activation_checkpointing=args.activation_checkpointing, report_to=[], save_strategy="no",
+            logging_strategy="no", disable_tqdm=True, use_cpu=args.device == "cpu", **RECIPES[args.recipe],
         )
-        trainer = SparseTrainer(model=model, args=training_args, train_dataset=data, callbacks=[timer],
-                                optimizer_cls_and_kwargs=optimizer_for(args.recipe))
+        trainer = trainer_class(model=model, args=training_args, train_dataset=data, callbacks=[timer])
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
-        violations = sum(trainer.masks.violations().values())
-    step_seconds = statistics.median(timer.durations[2:] or timer.durations)
-    tokens_per_second = args.batch * args.seqlen / step_seconds
+    sparse = trainer_class is SparseTrainer
+    violations = sum(trainer.masks.violations().values()) if sparse else None
+    step_seconds = statistics.median(timer.durations[1:] or timer.durations)  # the first step compiles
+    tokens_per_second = args.batch * args.accumulation * args.seqlen / step_seconds
+    return {"recipe": args.recipe, "config": args.config, "parameters": parameters, "batch": args.batch,
+            "accumulation": args.accumulation, "activation_checkpointing": args.activation_checkpointing,
+            **speed_figures(parameters, tokens_per_second), **memory_figures(args.recipe, parameters, unsharded),
+            "step_seconds": round(step_seconds, 3),
+            "masking_seconds": round(masking_seconds(trainer.masks), 4) if sparse else None,
+            "violations": violations}
+
+
+def masking_seconds(masks, repeats: int = 10) -> float:
+    """What SparseTrainer adds per optimizer step: one masking pass over the weights, timed, doubled
+    for the same pass over the gradients (their shapes and dtype are the weights')."""
+    timer = StepTimer()
+    for _ in range(repeats):
+        timer.on_step_begin(None, None, None)
+        masks.apply_to_weights()
+        timer.on_step_end(None, None, None)
+    return 2 * statistics.median(timer.durations)
+
+
+def speed_figures(parameters: int, tokens_per_second: float) -> dict:
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
-    return {
-        "recipe": args.recipe, "config": args.config, "device": device_name, "parameters": parameters,
-        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
-        "step_seconds": round(step_seconds, 3), "tokens_per_second": round(tokens_per_second, 1),
-        "mfu": round(6 * parameters * tokens_per_second / (peak * 1e12), 3) if peak else None,
-        "guide_job_hours": round(GUIDE_JOB_TOKENS / tokens_per_second / 3600, 2), "violations": violations,
-    }
+    return {"device": device_name, "tokens_per_second": round(tokens_per_second, 1),
+            "mfu": round(6 * parameters * tokens_per_second / (peak * 1e12), 3) if peak else None,
+            "guide_job_hours": round(GUIDE_JOB_TOKENS / tokens_per_second / 3600, 2)}
+
+
+def fsdp2_unsharded_parameters(model) -> int:
+    """Parameters FSDP2 holds whole at once (configs/fsdp2.json): the root unit (embeddings, head, norm)
+    and two decoder layers (the one running and the one prefetched)."""
+    layers = model.model.layers
+    in_layers = sum(p.numel() for p in layers.parameters())
+    root = sum(p.numel() for p in model.parameters()) - in_layers
+    return root + 2 * in_layers // len(layers)
+
+
+def memory_figures(recipe: str, parameters: int, unsharded: int) -> dict:
+    """Measured peak, and a projection of the per-GPU peak under FSDP2 on 2 GPUs: the sharded state
+    halves, activations stay, and the unsharded units add their bf16 weights and gradients."""
+    if not torch.cuda.is_available():
+        return {"peak_memory_gib": None, "fsdp2_2gpu_projected_gib": None}
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    sharded = SHARDED_BYTES_PER_PARAMETER[recipe] * parameters / 2**30
+    projected = peak - sharded / 2 + 4 * unsharded / 2**30
+    return {"peak_memory_gib": round(peak, 2), "fsdp2_2gpu_projected_gib": round(projected, 2)}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=CONFIGS, default="llama2-7b")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--recipes", default="guide,8bit-sr,offload", help="comma-separated")
-    parser.add_argument("--recipe", help=argparse.SUPPRESS)  # one recipe, in a child process
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated")
+    parser.add_argument("--recipe", choices=RECIPES, help=argparse.SUPPRESS)  # one recipe, in a child process
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps; the first is not timed")
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--accumulation", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=1024)
+    parser.add_argument("--activation_checkpointing", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
     if args.recipe:
         print(json.dumps(run_recipe(args)), flush=True)
         return
     common = ["--config", args.config, "--device", args.device, "--steps", str(args.steps), "--batch",
-              str(args.batch), "--seqlen", str(args.seqlen)]
+              str(args.batch), "--accumulation", str(args.accumulation), "--seqlen", str(args.seqlen),
+              "--activation_checkpointing" if args.activation_checkpointing else "--no-activation_checkpointing"]
     for recipe in args.recipes.split(","):
         child = subprocess.run([sys.executable, __file__, *common, "--recipe", recipe], capture_output=True,
                                text=True)
