@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from step_timer import StepTimer
+from step_timer import StepTimer, median_seconds
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
@@ -102,15 +102,10 @@ def run_recipe(args) -> dict:
             "violations": violations}
 
 
-def masking_seconds(masks, repeats: int = 10) -> float:
+def masking_seconds(masks) -> float:
     """What SparseTrainer adds per optimizer step: one masking pass over the weights, timed, doubled
     for the same pass over the gradients (their shapes and dtype are the weights')."""
-    timer = StepTimer()
-    for _ in range(repeats):
-        timer.on_step_begin(None, None, None)
-        masks.apply_to_weights()
-        timer.on_step_end(None, None, None)
-    return 2 * statistics.median(timer.durations)
+    return 2 * median_seconds(masks.apply_to_weights, repeats=10)
 
 
 def speed_figures(parameters: int, tokens_per_second: float) -> dict:

@@ -9,10 +9,9 @@ Builds the model of ``bench_gpu_recipes.py`` (Llama-2-7B shape by default, bf16,
 
 import argparse
 import json
-import statistics
 
 from bench_gpu_recipes import CONFIGS, build_model
-from step_timer import StepTimer
+from step_timer import median_seconds
 
 from dense_ft.masks import SparsityMasks
 
@@ -24,12 +23,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     masks = SparsityMasks(build_model(args.config, args.device))
-    timer = StepTimer()
-    for _ in range(args.repeats + 1):
-        timer.on_step_begin(None, None, None)
-        masks.apply_to_weights()
-        timer.on_step_end(None, None, None)
-    seconds = statistics.median(timer.durations[1:])
+    seconds = median_seconds(masks.apply_to_weights, args.repeats)
     weight_bytes = sum(linear.weight.nbytes for linear in masks.linears.values())
     print(json.dumps({"config": args.config, "device": args.device, "matrices": len(masks),
                       "weight_gib": round(weight_bytes / 2**30, 2), "pass_ms": round(seconds * 1e3, 2),

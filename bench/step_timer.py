@@ -1,12 +1,33 @@
-"""Wall time of every optimizer step of a Trainer, for the benchmarks."""
+"""Wall-time helpers for the benchmarks, GPU work included (it runs asynchronously)."""
 
+import statistics
 import time
 
 import torch
 from transformers import TrainerCallback
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def median_seconds(function, repeats: int) -> float:
+    """Median wall time of ``function()`` over ``repeats`` calls, after one untimed warm-up call."""
+    function()
+    durations = []
+    for _ in range(repeats):
+        synchronize()
+        started = time.perf_counter()
+        function()
+        synchronize()
+        durations.append(time.perf_counter() - started)
+    return statistics.median(durations)
+
+
 class StepTimer(TrainerCallback):
+    """Wall time of every optimizer step of a Trainer."""
+
     def __init__(self):
         self.durations, self._started = [], 0.0
 
@@ -14,6 +35,5 @@ class StepTimer(TrainerCallback):
         self._started = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()  # GPU work is asynchronous: time it to its end
+        synchronize()
         self.durations.append(time.perf_counter() - self._started)
