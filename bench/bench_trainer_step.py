@@ -14,7 +14,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "scripts")]
 
 from prepare_embedded import corpus_dir, model_dir  # noqa: E402
-from step_timer import StepTimer  # noqa: E402
+from step_timer import StepTimer, median_seconds  # noqa: E402
 
 from dense_ft.masks import SparsityMasks, prune_random_blocks  # noqa: E402
 from dense_ft.modeling import load_model  # noqa: E402
@@ -57,13 +56,7 @@ def masking_overhead(model, repeats: int = 5) -> float:
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     masks = SparsityMasks(model)
-    runs = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        masks.apply_to_grads()
-        masks.apply_to_weights()
-        runs.append(time.perf_counter() - started)
-    return min(runs)
+    return median_seconds(lambda: (masks.apply_to_grads(), masks.apply_to_weights()), repeats)
 
 
 def main():
