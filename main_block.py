@@ -39,6 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seqlen", type=int, help="tokens per window (default: the model's max_position_embeddings)")
     parser.add_argument("--max_eval_windows", type=int, help="evaluate at most this many windows")
     parser.add_argument("--device", default=default_device(), help="cpu, cuda, cuda:1, ... (default: %(default)s)")
+    parser.add_argument("--offload", action="store_true",
+                        help="keep the weights on the CPU and bring one decoder layer at a time to --device "
+                             "(chosen by itself on a GPU that cannot hold the model)")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="auto: float16 on a GPU, float32 on the CPU")
     parser.add_argument("--tasks", default=",".join(ZERO_SHOT_TASKS), help="comma-separated lm-eval tasks")
@@ -51,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         value = getattr(args, flag)
         if value is not None and value <= 0:
             parser.error(f"--{flag} must be positive, got {value}")
+    if args.offload and args.eval_zero_shot:
+        parser.error("--eval_zero_shot needs the whole model on one device: drop --offload, or run lm-eval "
+                     "on the saved model over several GPUs (--model_args parallelize=True)")
     if args.dtype == "auto":
         args.dtype = "float32" if args.device == "cpu" else "float16"
     return args
@@ -60,14 +66,40 @@ def token_ids(tokenizer, text: str) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt").input_ids[0]
 
 
+def does_not_fit(model, device: str, activation_bytes: int) -> bool:
+    """Whether a GPU lacks the free memory for the weights plus the calibration activations."""
+    if not device.startswith("cuda"):
+        return False
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return weight_bytes + activation_bytes > free
+
+
+def place_model(model, args: argparse.Namespace, seqlen: int) -> bool:
+    """Move the model to --device, or leave it on the CPU for layer offload; True when offloading."""
+    windows = args.nsamples if args.sparsity_ratio > 0 else 1
+    activation_bytes = windows * seqlen * model.config.hidden_size * model.dtype.itemsize
+    offload = args.offload or does_not_fit(model, args.device, activation_bytes)
+    if offload and args.eval_zero_shot:
+        raise UserError(f"the model does not fit on {args.device}, and --eval_zero_shot needs it whole on one device: "
+                        "run lm-eval on the saved model over several GPUs (--model_args parallelize=True)")
+    if offload:
+        print(f"Layer offload: the weights stay on the CPU; each decoder layer comes to {args.device} in turn "
+              f"(calibration activations: {activation_bytes / 2**30:.2f} GiB on {args.device})")
+    else:
+        model.to(args.device)
+    return offload
+
+
 def run(args: argparse.Namespace) -> dict:
     calib = load_corpus(args.calib_dataset, splits=("train",)) if args.sparsity_ratio > 0 else None
     evaluation = load_corpus(args.eval_dataset, splits=("test",))
-    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    model, tokenizer = load_model(args.model, args.dtype)
     model.eval()
     seqlen = args.seqlen or model.config.max_position_embeddings
     if seqlen > model.config.max_position_embeddings:
         raise UserError(f"--seqlen {seqlen} exceeds the model's {model.config.max_position_embeddings} positions")
+    offload = place_model(model, args, seqlen)
 
     results = {"model": args.model, "sparsity_ratio": args.sparsity_ratio, "block_size": args.block_size,
                "eval_dataset": args.eval_dataset, "seqlen": seqlen}
@@ -76,14 +108,15 @@ def run(args: argparse.Namespace) -> dict:
         started = time.perf_counter()
         windows = calibration_windows(token_ids(tokenizer, " ".join(calib["train"]["text"])),
                                       args.nsamples, seqlen, args.seed)
-        prune_wanda_blocks(model, windows, args.sparsity_ratio, args.block_size, args.device)
-        results.update(calib_dataset=args.calib_dataset, nsamples=args.nsamples, seed=args.seed,
+        prune_wanda_blocks(model, windows, args.sparsity_ratio, args.block_size, args.device, offload)
+        results.update(calib_dataset=args.calib_dataset, nsamples=args.nsamples, seed=args.seed, offload=offload,
                        pruning_seconds=round(time.perf_counter() - started, 2))
     results["actual_sparsity"] = check_sparsity(model)
     print(f"sparsity sanity check {results['actual_sparsity']:.4f}")
 
     test_ids = token_ids(tokenizer, joined_text(evaluation, "test", "\n\n"))
-    results["perplexity"] = perplexity(model, test_ids, seqlen, args.max_eval_windows)
+    results["perplexity"] = perplexity(model, test_ids, seqlen, args.max_eval_windows,
+                                       offload_device=args.device if offload else None)
     print(f"wikitext perplexity {results['perplexity']:.4f}")
 
     if args.eval_zero_shot:

@@ -36,6 +36,8 @@ GUIDE_JOB_TOKENS = 8.5e6
 CONFIGS = {
     "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192),
     "tiny": dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024),
 }
@@ -51,13 +53,13 @@ RECIPES = {  # recipe -> TrainingArguments overrides
 SHARDED_BYTES_PER_PARAMETER = {"bf16": 8, "bf16-unmasked": 8, "8bit-sr": 6, "4bit-sr": 5}
 
 
-def build_model(config_name: str, device: str):
+def build_model(config_name: str, device: str, dtype: torch.dtype = torch.bfloat16):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from dense_ft.masks import prune_random_blocks
 
     config = LlamaConfig(**CONFIGS[config_name])
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(dtype)
     with torch.device(device):
         model = LlamaForCausalLM(config)
     torch.set_default_dtype(torch.float32)

@@ -1,33 +1,44 @@
 """Time of one masking pass (what SparseTrainer does to the weights, and to the gradients, per step).
 
-Builds the model of ``bench_gpu_recipes.py`` (Llama-2-7B shape by default, bf16, random weights,
-20% of its 16x16 blocks zeroed) and times ``SparsityMasks.apply_to_weights`` (median of 20).
+Builds the model of ``bench_gpu_recipes.py`` (Llama-2-7B shape by default, random weights,
+20% of its 16x16 blocks zeroed) and times ``SparsityMasks.apply_to_weights`` (median of
+``--repeats``) against its floor: one ``zero_`` of a contiguous buffer holding exactly the
+pruned blocks' bytes, in the same dtype.
 
-    python bench/bench_masking.py                                # Llama-2-7B shape, cuda
-    python bench/bench_masking.py --config tiny --device cpu
+    python bench/bench_masking.py                                                  # 7B shape, bf16, cuda
+    python bench/bench_masking.py --config smollm2-135m --device cpu --dtype float32  # the embedded default's
 """
 
 import argparse
 import json
 
+import torch
 from bench_gpu_recipes import CONFIGS, build_model
 from step_timer import median_seconds
 
 from dense_ft.masks import SparsityMasks
+from dense_ft.modeling import DTYPES
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=CONFIGS, default="llama2-7b")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
-    masks = SparsityMasks(build_model(args.config, args.device))
-    seconds = median_seconds(masks.apply_to_weights, args.repeats)
+    dtype = DTYPES[args.dtype]
+    masks = SparsityMasks(build_model(args.config, args.device, dtype))
+    pass_seconds = median_seconds(masks.apply_to_weights, args.repeats)
+    pruned = torch.empty(masks.num_pruned, dtype=dtype, device=args.device)
+    floor_seconds = median_seconds(pruned.zero_, args.repeats)
     weight_bytes = sum(linear.weight.nbytes for linear in masks.linears.values())
-    print(json.dumps({"config": args.config, "device": args.device, "matrices": len(masks),
-                      "weight_gib": round(weight_bytes / 2**30, 2), "pass_ms": round(seconds * 1e3, 2),
-                      "weight_gib_per_s": round(weight_bytes / 2**30 / seconds, 1)}))
+    print(json.dumps({"config": args.config, "device": args.device, "dtype": args.dtype, "matrices": len(masks),
+                      "weight_gib": round(weight_bytes / 2**30, 3), "pruned_gib": round(pruned.nbytes / 2**30, 3),
+                      "mask_mib": round(masks.nbytes / 2**20, 2), "pass_ms": round(pass_seconds * 1e3, 2),
+                      "floor_ms": round(floor_seconds * 1e3, 2),
+                      "pass_over_floor": round(pass_seconds / floor_seconds, 2),
+                      "weight_gib_per_s": round(weight_bytes / 2**30 / pass_seconds, 1)}))
 
 
 if __name__ == "__main__":

@@ -7,19 +7,26 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import UserError
+from .layerwise import layerwise_nll
 
 ZERO_SHOT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 
 
 @torch.no_grad()
 def perplexity(model: nn.Module, token_ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
-               progress: bool = True) -> float:
-    """exp(mean next-token NLL) over non-overlapping ``seqlen`` windows; the remainder is dropped."""
+               progress: bool = True, offload_device=None) -> float:
+    """exp(mean next-token NLL) over non-overlapping ``seqlen`` windows; the remainder is dropped.
+
+    With ``offload_device`` the model stays on the CPU and runs there one layer at a time.
+    """
     windows = token_ids.numel() // seqlen
     if max_windows is not None:
         windows = min(windows, max_windows)
     if windows == 0:
         raise UserError(f"evaluation text has {token_ids.numel()} tokens, fewer than one window of {seqlen}")
+    if offload_device is not None:
+        windows = token_ids[:windows * seqlen].view(windows, seqlen)
+        return math.exp(layerwise_nll(model, windows, offload_device, offload=True, progress=progress))
     device = next(model.parameters()).device
     total_nll, predicted = 0.0, 0
     for i in tqdm(range(windows), desc="Perplexity", disable=not progress):

@@ -11,9 +11,9 @@ import random
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .errors import UserError
+from .layerwise import run_layer, run_layer_by_layer
 from .masks import BlockMask
 from .sparsity import PATTERN_KEY, prunable_linears
 
@@ -74,56 +74,30 @@ def calibration_windows(token_ids: torch.Tensor, nsamples: int, seqlen: int, see
     return torch.stack([token_ids[start:start + seqlen] for start in starts])
 
 
-class _LayerInputsCaptured(Exception):
-    pass
-
-
-def capture_layer_inputs(model: nn.Module, windows: torch.Tensor, device) -> tuple[list, dict]:
-    """The hidden states entering the first decoder layer for each window, and its other arguments."""
-    first_layer = model.model.layers[0]
-    inputs, kwargs = [], {}
-
-    def capture(module, args, layer_kwargs):
-        inputs.append(args[0] if args else layer_kwargs.pop("hidden_states"))
-        kwargs.update({k: v for k, v in layer_kwargs.items() if k != "hidden_states"})
-        raise _LayerInputsCaptured
-
-    handle = first_layer.register_forward_pre_hook(capture, with_kwargs=True)
-    try:
-        for window in windows:
-            try:
-                model(input_ids=window[None].to(device), use_cache=False)
-            except _LayerInputsCaptured:
-                pass
-    finally:
-        handle.remove()
-    return inputs, kwargs
-
-
-def _run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    output = layer(hidden, **kwargs)
-    return output[0] if isinstance(output, tuple) else output
+def _calibrate_and_prune(layer: nn.Module, hidden_states: list, kwargs: dict, ratio: float, block_size: int) -> None:
+    linears = {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    stats = {name: InputNormStats(m.in_features, m.weight.device) for name, m in linears.items()}
+    hooks = [m.register_forward_hook(lambda _m, args, _out, s=stats[name]: s.add(args[0]))
+             for name, m in linears.items()]
+    for hidden in hidden_states:
+        run_layer(layer, hidden, kwargs)
+    for hook in hooks:
+        hook.remove()
+    for name, linear in linears.items():
+        pruned = lowest_blocks(block_scores(linear.weight, stats[name].squared_norms, block_size), ratio)
+        BlockMask(pruned, block_size).apply_(linear.weight.data)
 
 
 @torch.no_grad()
 def prune_wanda_blocks(model: nn.Module, windows: torch.Tensor, ratio: float, block_size: int,
-                       device, progress: bool = True) -> None:
-    """Zero ``ratio`` of each decoder linear weight in ``block_size`` blocks and record the pattern."""
+                       device, offload: bool = False, progress: bool = True) -> None:
+    """Zero ``ratio`` of each decoder linear weight in ``block_size`` blocks and record the pattern.
+
+    With ``offload`` the model stays on the CPU and each decoder layer comes to ``device`` in turn.
+    """
     check_block_shapes(model, block_size)
-    hidden_states, kwargs = capture_layer_inputs(model, windows, device)
-    layers = model.model.layers
-    for layer in tqdm(layers, desc="Pruning layers", disable=not progress):
-        linears = {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
-        stats = {name: InputNormStats(m.in_features, m.weight.device) for name, m in linears.items()}
-        hooks = [m.register_forward_hook(lambda _m, args, _out, s=stats[name]: s.add(args[0]))
-                 for name, m in linears.items()]
-        for hidden in hidden_states:
-            _run_layer(layer, hidden, kwargs)
-        for hook in hooks:
-            hook.remove()
-        for name, linear in linears.items():
-            pruned = lowest_blocks(block_scores(linear.weight, stats[name].squared_norms, block_size), ratio)
-            BlockMask(pruned, block_size).apply_(linear.weight.data)
-        hidden_states = [_run_layer(layer, hidden, kwargs) for hidden in hidden_states]
+    run_layer_by_layer(model, windows, device, offload, desc="Pruning layers", progress=progress,
+                       before_layer=lambda layer, hidden, kwargs: _calibrate_and_prune(layer, hidden, kwargs,
+                                                                                       ratio, block_size))
     setattr(model.config, PATTERN_KEY,
             {"method": "wanda", "structure": "block", "block_size": block_size, "sparsity_ratio": ratio})

@@ -67,3 +67,23 @@ def test_the_trainers_fsdp2_path_saves_shards_resumes_and_writes_a_normal_model(
     assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 4
     assert_sparsity_kept(output, tiny_pruned_dir)
     assert_weights_moved(output, tiny_pruned_dir)
+
+
+def test_layer_offload_on_the_gpu_prunes_the_same_blocks_and_leaves_the_weights_on_the_cpu():
+    from conftest import tiny_llama
+
+    from dense_ft.evaluation import perplexity
+    from dense_ft.masks import SparsityMasks
+    from dense_ft.wanda import prune_wanda_blocks
+
+    ids = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))
+    whole, offloaded = tiny_llama(layers=3).eval().cuda(), tiny_llama(layers=3).eval()
+    prune_wanda_blocks(whole, ids, 0.3, 16, "cuda", progress=False)
+    prune_wanda_blocks(offloaded, ids, 0.3, 16, "cuda", offload=True, progress=False)
+    assert all(p.device.type == "cpu" for p in offloaded.parameters())
+    whole_masks, offloaded_masks = SparsityMasks(whole).masks, SparsityMasks(offloaded).masks
+    for name, mask in whole_masks.items():
+        assert torch.equal(mask.pruned_blocks.cpu(), offloaded_masks[name].pruned_blocks), name
+    expected = perplexity(whole, ids.flatten(), 64, progress=False)
+    assert perplexity(offloaded, ids.flatten(), 64, progress=False, offload_device="cuda") == pytest.approx(
+        expected, rel=1e-4)
