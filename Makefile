@@ -21,7 +21,7 @@ demo: embedded
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/shellcheck run_dense_finetune_block_20sparsity.sh .ci/run
+	$(VENV)/bin/shellcheck run_dense_finetune_block_20sparsity.sh .ci/run bench/run_gpu_checks.sh
 
 test: embedded lint
 	$(PYTHON) -m pytest -q tests

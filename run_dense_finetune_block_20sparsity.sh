@@ -1,10 +1,20 @@
 #!/usr/bin/env bash
-# Sparse full fine-tuning of a Wanda-pruned model (16x16 blocks, 20% sparsity) with
-# SparseTrainer: every weight trains, pruned weights stay exactly zero. See --help.
+# Sparse fine-tuning of a Wanda-pruned model (16x16 blocks, 20% sparsity): every weight
+# trains with SparseTrainer (--method full), or sparse LoRA adapters do (--method lora);
+# either way the pruned weights stay exactly zero. See --help.
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SCRIPT_NAME=$(basename "$0")
+
+# The settings a user may give in the environment; those given are repeated in the LoRA advice.
+USER_SETTINGS=()
+for name in PRUNED_MODEL DATASET DATASET_CONFIG DATASET_DIR NUM_EPOCHS LEARNING_RATE BATCH_SIZE BLOCK_SIZE \
+            MAX_TRAIN_SAMPLES EFFECTIVE_BATCH_SIZE LOGGING_STEPS SAVE_STEPS OPTIM OPTIM_ARGS; do
+    [[ -z ${!name+set} ]] || USER_SETTINGS+=("$name=${!name}")
+done
+OUTPUT_DIR_GIVEN=${OUTPUT_DIR:+1}
+LEARNING_RATE_GIVEN=${LEARNING_RATE:+1}
 
 # Training parameters: the guide's values, each overridable from the environment.
 PRUNED_MODEL=${PRUNED_MODEL:-out/llama2_7b/block_16x16_20sparsity/wanda/pruned_model}
@@ -14,6 +24,9 @@ DATASET_CONFIG=${DATASET_CONFIG:-wikitext-2-raw-v1}
 DATASET_DIR=${DATASET_DIR:-}
 NUM_EPOCHS=${NUM_EPOCHS:-3}
 LEARNING_RATE=${LEARNING_RATE:-5e-5}
+# --method lora: its own output directory, and the learning rate LoRA recipes use.
+LORA_OUTPUT_DIR=out/llama2_7b/block_16x16_20sparsity/wanda/lora_finetuned_model
+LORA_LEARNING_RATE=2e-4
 BATCH_SIZE=${BATCH_SIZE:-1}
 BLOCK_SIZE=${BLOCK_SIZE:-1024}
 MAX_TRAIN_SAMPLES=${MAX_TRAIN_SAMPLES:-30000}
@@ -22,7 +35,8 @@ LOGGING_STEPS=${LOGGING_STEPS:-10}
 SAVE_STEPS=${SAVE_STEPS:-200}
 OPTIM=${OPTIM:-}
 OPTIM_ARGS=${OPTIM_ARGS:-}
-MIN_GPU_MEMORY_GB=${MIN_GPU_MEMORY_GB:-40}
+METHOD=${METHOD:-full}
+MIN_GPU_MEMORY_GB=${MIN_GPU_MEMORY_GB:-}
 ASSUME_YES=${ASSUME_YES:-0}
 PYTHON=${PYTHON:-python}
 TORCHRUN=${TORCHRUN:-torchrun}
@@ -38,6 +52,7 @@ MASTER_ADDR=""
 MASTER_PORT=29500
 DRY_RUN=0
 EXTRA_ARGS=()
+ORIGINAL_ARGS=()
 
 usage() {
     cat <<EOF
@@ -49,6 +64,8 @@ Options:
   -h, --help          Show this help message
   --yes               Continue without asking when GPU memory looks insufficient
   --dry_run           Print the configuration and the command, then exit
+  --method M          full (default: every weight trains) or lora (sparse LoRA: rank-8
+                      adapters masked by the pruned blocks, merged at the end; far less memory)
   --engine E          ddp (default: a full replica per GPU) or fsdp (FSDP2: weights,
                       gradients and optimizer states sharded across GPUs)
   --nnodes N          Number of nodes, for multi-node torchrun (default: 1)
@@ -70,22 +87,24 @@ Performance:
 
 Environment variables (defaults in brackets):
   PRUNED_MODEL          pruned model directory [$PRUNED_MODEL]
-  OUTPUT_DIR            output directory [$OUTPUT_DIR]
+  OUTPUT_DIR            output directory [$OUTPUT_DIR;
+                        lora: $LORA_OUTPUT_DIR]
   DATASET               Hub data set [$DATASET]
   DATASET_CONFIG        its configuration [$DATASET_CONFIG]
   DATASET_DIR           local corpus with wiki.{train,valid}.raw (replaces DATASET) [${DATASET_DIR:-unset}]
   NUM_EPOCHS            epochs [$NUM_EPOCHS]
-  LEARNING_RATE         learning rate [$LEARNING_RATE]
+  LEARNING_RATE         learning rate [$LEARNING_RATE; lora: $LORA_LEARNING_RATE]
   BATCH_SIZE            per-device batch size [$BATCH_SIZE]
   BLOCK_SIZE            tokens per sequence [$BLOCK_SIZE]
   MAX_TRAIN_SAMPLES     cap on training sequences [$MAX_TRAIN_SAMPLES]
   EFFECTIVE_BATCH_SIZE  batch x GPUs x accumulation [$EFFECTIVE_BATCH_SIZE]
+  METHOD                full or lora, as --method [$METHOD]
   LOGGING_STEPS         steps between loss lines [$LOGGING_STEPS]
   SAVE_STEPS            steps between checkpoints [$SAVE_STEPS]
   OPTIM, OPTIM_ARGS     the Trainer's --optim and --optim_args [${OPTIM:-adamw_torch_fused}, ${OPTIM_ARGS:-unset}];
                         OPTIM=adamw_torch_8bit OPTIM_ARGS=bf16_stochastic_round=True keeps the
                         small updates that bf16 AdamW drops, in less memory (see the README)
-  MIN_GPU_MEMORY_GB     free memory under which to warn [$MIN_GPU_MEMORY_GB]
+  MIN_GPU_MEMORY_GB     free memory under which to warn [40 for full, 24 for lora]
   ASSUME_YES=1          same as --yes
   PYTHON, TORCHRUN      the interpreters to run [$PYTHON, $TORCHRUN]
 
@@ -110,7 +129,7 @@ parse_args() {
             --dry_run) DRY_RUN=1; shift; continue ;;
             --) shift; EXTRA_ARGS=("$@"); return ;;
             --*=*) value=${flag#*=}; flag=${flag%%=*}; shift ;;
-            --num_gpus|--gpu_ids|--engine|--nnodes|--node_rank|--master_addr|--master_port)
+            --num_gpus|--gpu_ids|--engine|--method|--nnodes|--node_rank|--master_addr|--master_port)
                 [[ $# -ge 2 && $2 != --* ]] || die "$flag needs a value (see --help)"
                 value=$2; shift 2 ;;
             *) die "unknown option '$flag' (see --help)" ;;
@@ -119,6 +138,7 @@ parse_args() {
             --num_gpus) NUM_GPUS=$value ;;
             --gpu_ids) GPU_IDS=$value ;;
             --engine) ENGINE=$value ;;
+            --method) METHOD=$value ;;
             --nnodes) NNODES=$value ;;
             --node_rank) NODE_RANK=$value ;;
             --master_addr) MASTER_ADDR=$value ;;
@@ -128,9 +148,23 @@ parse_args() {
     done
 }
 
+apply_method_defaults() {
+    [[ $METHOD == full || $METHOD == lora ]] || die "--method must be full or lora, got '$METHOD'"
+    if [[ $METHOD == full ]]; then
+        METHOD_DESCRIPTION="Full fine-tuning with SparseTrainer"
+        MIN_GPU_MEMORY_GB=${MIN_GPU_MEMORY_GB:-40}
+        return
+    fi
+    METHOD_DESCRIPTION="Sparse LoRA (adapters masked by the pruned blocks, merged at the end)"
+    MIN_GPU_MEMORY_GB=${MIN_GPU_MEMORY_GB:-24}
+    [[ -n $OUTPUT_DIR_GIVEN ]] || OUTPUT_DIR=$LORA_OUTPUT_DIR
+    [[ -n $LEARNING_RATE_GIVEN ]] || LEARNING_RATE=$LORA_LEARNING_RATE
+}
+
 validate_settings() {
     is_positive_int "$NUM_GPUS" || die "--num_gpus must be a positive integer, got '$NUM_GPUS'"
     [[ $ENGINE == ddp || $ENGINE == fsdp ]] || die "--engine must be ddp or fsdp, got '$ENGINE'"
+    [[ $METHOD == full || $ENGINE == ddp ]] || die "--method lora trains with DDP; --engine fsdp is for --method full"
     is_positive_int "$NNODES" || die "--nnodes must be a positive integer, got '$NNODES'"
     if ! [[ $NODE_RANK =~ ^[0-9]+$ ]] || (( NODE_RANK >= NNODES )); then
         die "--node_rank must be an integer from 0 to $((NNODES - 1)), got '$NODE_RANK'"
@@ -207,7 +241,7 @@ print_banner() {
 ==========================================
 Dense Fine-tuning Configuration
 ==========================================
-Method: Full fine-tuning with SparseTrainer
+Method: $METHOD_DESCRIPTION
 Pruned model: $PRUNED_MODEL
 Output directory: $OUTPUT_DIR
 Dataset: $DATASET_DESCRIPTION
@@ -230,6 +264,13 @@ Training Parameters:
 EOF
 }
 
+# The same run as sparse LoRA, as one command line: the user's settings, its own output directory.
+lora_command() {
+    local output_dir=$LORA_OUTPUT_DIR
+    [[ -z $OUTPUT_DIR_GIVEN ]] || output_dir=${OUTPUT_DIR%/}_lora
+    printf '%q ' "${USER_SETTINGS[@]}" "OUTPUT_DIR=$output_dir" bash "$0" --method lora "${ORIGINAL_ARGS[@]}"
+}
+
 # Prints free memory of every chosen GPU; asks (or, without a terminal, stops) when any is low.
 check_gpu_memory() {
     local id free low=0
@@ -240,7 +281,10 @@ check_gpu_memory() {
     done
     (( low )) || return 0
     echo "⚠️  Warning: GPU memory may be insufficient!"
-    echo "Consider using LoRA fine-tuning instead."
+    if [[ $METHOD == full ]]; then
+        echo "Consider using LoRA fine-tuning instead. Sparse LoRA keeps the pruned blocks at zero; same settings:"
+        echo "  $(lora_command)"
+    fi
     if [[ $ASSUME_YES == 1 ]]; then
         echo "Continue anyway? (y/n) y (--yes)"
     elif [[ -t 0 ]]; then
@@ -278,6 +322,7 @@ build_command() {
     else
         finetune_args+=(--dataset_name "$DATASET" --dataset_config_name "$DATASET_CONFIG")
     fi
+    [[ $METHOD == full ]] || finetune_args+=(--lora)
     if (( USE_GPU )); then
         # The guide's recipe: bf16 weights and training, activations recomputed in backward.
         finetune_args+=(--torch_dtype bfloat16 --bf16 true)
@@ -328,7 +373,11 @@ choose_mode() {
 }
 
 print_start() {
-    echo "🚀 Starting dense fine-tuning with SparseTrainer..."
+    if [[ $METHOD == full ]]; then
+        echo "🚀 Starting dense fine-tuning with SparseTrainer..."
+    else
+        echo "🚀 Starting sparse LoRA fine-tuning..."
+    fi
     if (( USE_GPU )); then
         echo "Training mode: $NUM_GPUS GPU(s) on device(s): $GPU_IDS"
     else
@@ -339,11 +388,12 @@ print_start() {
 }
 
 print_outcome() {
-    local status=$1
+    local status=$1 finished="✅ Dense fine-tuning finished. Model saved to $OUTPUT_DIR"
+    [[ $METHOD == full ]] || finished="✅ Sparse LoRA fine-tuning finished. Merged model saved to $OUTPUT_DIR (adapter: $OUTPUT_DIR/adapter)"
     if (( status == 0 )); then
         cat <<EOF
 ==========================================
-✅ Dense fine-tuning finished. Model saved to $OUTPUT_DIR
+$finished
 
 Next steps:
 1. Evaluate:
@@ -361,7 +411,9 @@ EOF
 }
 
 main() {
+    ORIGINAL_ARGS=("$@")
     parse_args "$@"
+    apply_method_defaults
     validate_settings
     validate_gpu_ids
     choose_mode

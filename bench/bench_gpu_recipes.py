@@ -15,6 +15,9 @@ Recipes (weights / optimizer states / what happens to small updates):
   bf16-unmasked  the same through the plain Trainer: the cost of SparseTrainer's masking
   8bit-sr        --optim adamw_torch_8bit --optim_args bf16_stochastic_round=True: keeps them on average
   4bit-sr        --optim adamw_torch_4bit --optim_args bf16_stochastic_round=True: keeps them on average
+  lora-sparse    sparse LoRA (rank 8 on q, k, v, o, gate, up, down; bf16 base, fp32 adapters): its step
+                 time against lora-plain's, its peak memory against the 24 GB goal
+  lora-plain     PEFT's plain LoRA with the same settings (not sparse after a merge): the reference
 The 8-bit and 4-bit recipes need ``pip install torchao==0.18.0``.
 """
 
@@ -48,6 +51,8 @@ RECIPES = {  # recipe -> TrainingArguments overrides
     "bf16-unmasked": {},
     "8bit-sr": {"optim": "adamw_torch_8bit", "optim_args": STOCHASTIC_ROUNDING},
     "4bit-sr": {"optim": "adamw_torch_4bit", "optim_args": STOCHASTIC_ROUNDING},
+    "lora-sparse": {},
+    "lora-plain": {},
 }
 # Bytes per parameter that FSDP2 would shard: bf16 weights + bf16 gradients + optimizer states.
 SHARDED_BYTES_PER_PARAMETER = {"bf16": 8, "bf16-unmasked": 8, "8bit-sr": 6, "4bit-sr": 5}
@@ -71,16 +76,20 @@ def run_recipe(args) -> dict:
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
 
+    from dense_ft.masks import SparsityMasks
     from dense_ft.sparse_trainer import SparseTrainer
 
     model = build_model(args.config, args.device)
     parameters = sum(p.numel() for p in model.parameters())
     unsharded = fsdp2_unsharded_parameters(model)
+    pruned_masks = SparsityMasks(model)
+    if args.recipe.startswith("lora"):
+        model = add_lora(model, sparse=args.recipe == "lora-sparse")
     samples = args.steps * args.accumulation * args.batch
     tokens = torch.randint(0, model.config.vocab_size, (samples, args.seqlen)).tolist()
     data = Dataset.from_dict({"input_ids": tokens, "labels": tokens})
     timer = StepTimer()
-    trainer_class = Trainer if args.recipe == "bf16-unmasked" else SparseTrainer
+    trainer_class = Trainer if args.recipe in ("bf16-unmasked", "lora-sparse", "lora-plain") else SparseTrainer
     with tempfile.TemporaryDirectory() as output_dir:
         training_args = TrainingArguments(
             output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch,
@@ -93,7 +102,9 @@ def run_recipe(args) -> dict:
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
     sparse = trainer_class is SparseTrainer
-    violations = sum(trainer.masks.violations().values()) if sparse else None
+    if args.recipe.startswith("lora"):
+        model = model.merge_and_unload()
+    violations = sum(pruned_masks.violations(model).values())
     step_seconds = statistics.median(timer.durations[1:] or timer.durations)  # the first step compiles
     tokens_per_second = args.batch * args.accumulation * args.seqlen / step_seconds
     return {"recipe": args.recipe, "config": args.config, "parameters": parameters, "batch": args.batch,
@@ -102,6 +113,15 @@ def run_recipe(args) -> dict:
             "step_seconds": round(step_seconds, 3),
             "masking_seconds": round(masking_seconds(trainer.masks), 4) if sparse else None,
             "violations": violations}
+
+
+def add_lora(model, sparse: bool):
+    from peft import get_peft_model
+
+    from dense_ft.sparse_lora import LLAMA_TARGET_MODULES, add_sparse_lora, lora_config
+
+    config = lora_config(8, 16, 0.0, LLAMA_TARGET_MODULES)
+    return add_sparse_lora(model, config) if sparse else get_peft_model(model, config)
 
 
 def masking_seconds(masks) -> float:
@@ -133,6 +153,8 @@ def memory_figures(recipe: str, parameters: int, unsharded: int) -> dict:
     if not torch.cuda.is_available():
         return {"peak_memory_gib": None, "fsdp2_2gpu_projected_gib": None}
     peak = torch.cuda.max_memory_allocated() / 2**30
+    if recipe not in SHARDED_BYTES_PER_PARAMETER:
+        return {"peak_memory_gib": round(peak, 2), "fsdp2_2gpu_projected_gib": None}
     sharded = SHARDED_BYTES_PER_PARAMETER[recipe] * parameters / 2**30
     projected = peak - sharded / 2 + 4 * unsharded / 2**30
     return {"peak_memory_gib": round(peak, 2), "fsdp2_2gpu_projected_gib": round(projected, 2)}

@@ -1,12 +1,17 @@
-"""Sparse full fine-tuning of a pruned causal LM: every weight trains, pruned weights stay zero.
+"""Sparse fine-tuning of a pruned causal LM: pruned weights stay zero.
 
     python dense_ft/finetune.py --model_name_or_path out/.../pruned_model \
         --dataset_name wikitext --dataset_config_name wikitext-2-raw-v1 \
         --output_dir out/.../dense_finetuned_model --num_train_epochs 3 --learning_rate 5e-5
 
-Every ``transformers.TrainingArguments`` flag works. A rerun with the same ``--output_dir``
-resumes from its last checkpoint (``--overwrite_output_dir`` starts over); Ctrl+C or
-SIGTERM saves a checkpoint at the end of the current step and exits with status 130.
+By default every weight trains (``SparseTrainer``). With ``--lora`` only sparse LoRA adapters
+train (``dense_ft.sparse_lora``): their update is masked by the pruned blocks, checkpoints hold
+the adapter (PEFT format), and the output directory gets the merged model (still sparse) with
+the final adapter in ``adapter/``. Every ``transformers.TrainingArguments`` flag works.
+
+A rerun with the same ``--output_dir`` resumes from its last checkpoint
+(``--overwrite_output_dir`` starts over); Ctrl+C or SIGTERM saves a checkpoint at the end of
+the current step and exits with status 130.
 """
 
 import math
@@ -18,12 +23,21 @@ from itertools import chain
 if __package__ in (None, ""):  # run as a script: python dense_ft/finetune.py
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from transformers import HfArgumentParser, TrainerCallback, TrainingArguments, default_data_collator
+from transformers import (
+    HfArgumentParser,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
 from transformers.trainer_utils import get_last_checkpoint
 
 from dense_ft.errors import UserError, exit_on_user_error
 from dense_ft.interrupt import StopOnSignal
+from dense_ft.masks import SparsityMasks
 from dense_ft.modeling import DTYPES, load_model
+from dense_ft.sparse_lora import LLAMA_TARGET_MODULES, SparseLoraTrainer, add_sparse_lora, lora_config
 from dense_ft.sparse_trainer import SparseTrainer, check_sparsity
 from dense_ft.text import load_corpus, load_text_files, load_wikitext_dir
 
@@ -47,6 +61,26 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Cap on training sequences."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on evaluation sequences."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Tokenization processes."})
+
+
+@dataclass
+class LoraArguments:
+    lora: bool = field(default=False, metadata={"help": "Train sparse LoRA adapters instead of every weight."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={
+        "help": "Dropout on the adapters' input (above 0 the update needs its own matmul: slower)."})
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LLAMA_TARGET_MODULES),
+                                           metadata={"help": "Module names that get adapters."})
+
+    def validate(self, training_args: TrainingArguments) -> None:
+        if not self.lora:
+            return
+        if self.lora_r < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
+            raise UserError("--lora needs --lora_r >= 1, --lora_alpha > 0 and --lora_dropout in [0, 1)")
+        if training_args.fsdp:
+            raise UserError("--lora trains with DDP (a full replica per GPU); FSDP2 is not supported with sparse "
+                            "LoRA: drop --fsdp")
 
 
 @dataclass
@@ -128,17 +162,17 @@ def checkpoint_to_resume(training_args: SparseTrainingArguments) -> str | None:
 
 
 def parse_args(argv=None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, SparseTrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, SparseTrainingArguments))
     if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
         return parser.parse_json_file(os.path.abspath(sys.argv[1]))
     return parser.parse_args_into_dataclasses(args=argv)
 
 
-def print_start(trainer: SparseTrainer, resume_from: str | None) -> None:
+def print_start(trainer: SparseTrainer | SparseLoraTrainer, resume_from: str | None) -> None:
     initial_sparsity = check_sparsity(trainer.model)
     if not trainer.is_world_process_zero():
         return
-    print("*** Starting sparse full fine-tuning ***")
+    print(f"*** Starting sparse {'LoRA' if isinstance(trainer, SparseLoraTrainer) else 'full'} fine-tuning ***")
     print(f"Initial model sparsity: {initial_sparsity:.4f}")
     if not trainer.masks:
         print("Warning: the model is not pruned (no pruned weights found); training it as a dense model.")
@@ -149,7 +183,7 @@ def print_start(trainer: SparseTrainer, resume_from: str | None) -> None:
         print(f"Resuming from checkpoint {resume_from}")
 
 
-def save_initial_evaluation(trainer: SparseTrainer) -> None:
+def save_initial_evaluation(trainer: Trainer) -> None:
     """The evaluation before the first step (``eval_on_start``) as ``initial_eval_results.json``."""
     for record in trainer.state.log_history:
         if "eval_loss" in record and record["step"] == 0:
@@ -166,7 +200,21 @@ def check_optimizer(training_args: SparseTrainingArguments, model) -> None:
         raise UserError(f"--optim {training_args.optim.value}: {error}") from None
 
 
-def run(model_args: ModelArguments, data_args: DataArguments, training_args: SparseTrainingArguments) -> int:
+def build_trainer(model, lora_args: LoraArguments, **kwargs) -> SparseTrainer | SparseLoraTrainer:
+    if not lora_args.lora:
+        return SparseTrainer(model=model, **kwargs)
+    masks = SparsityMasks(model)
+    config = lora_config(lora_args.lora_r, lora_args.lora_alpha, lora_args.lora_dropout, lora_args.lora_target_modules)
+    try:
+        model = add_sparse_lora(model, config)
+    except ValueError as error:  # PEFT's word for target modules that match nothing
+        raise UserError(f"--lora_target_modules: {str(error).splitlines()[0]}") from None
+    return SparseLoraTrainer(model=model, masks=masks, **kwargs)
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
+        training_args: SparseTrainingArguments) -> int:
+    lora_args.validate(training_args)
     resume_from = checkpoint_to_resume(training_args)
     raw = load_raw_text(data_args)
     model, tokenizer = load_model(model_args.model_name_or_path, model_args.torch_dtype)
@@ -176,9 +224,10 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Spa
                         f"{model.config.max_position_embeddings} positions")
     train_dataset, eval_dataset = prepare_datasets(raw, tokenizer, data_args, training_args)
 
+    set_seed(training_args.seed)  # the adapters' initialization, as run_clm seeds the model's
     stop_on_signal = StopOnSignal()
-    trainer = SparseTrainer(
-        model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+    trainer = build_trainer(
+        model, lora_args, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         processing_class=tokenizer, data_collator=default_data_collator, callbacks=[PrintProgress(), stop_on_signal],
     )
     print_start(trainer, resume_from)
@@ -197,11 +246,14 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Spa
     return 1 if violations else 0
 
 
-def save_and_report(trainer: SparseTrainer, train_metrics: dict) -> dict[str, int]:
+def save_and_report(trainer: SparseTrainer | SparseLoraTrainer, train_metrics: dict) -> dict[str, int]:
     """Save the model, state and metrics; print the final sparsity and evaluation; the violations."""
     if trainer.is_fsdp_enabled:  # the final save is a normal HF directory, whatever the checkpoints are
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model()
+    if isinstance(trainer, SparseLoraTrainer):
+        trainer.save_merged_model()
+    else:
+        trainer.save_model()
     trainer.save_state()
     trainer.log_metrics("train", train_metrics)
     trainer.save_metrics("train", train_metrics)
@@ -224,9 +276,9 @@ def save_and_report(trainer: SparseTrainer, train_metrics: dict) -> dict[str, in
 
 def main(argv=None) -> None:
     with exit_on_user_error():
-        model_args, data_args, training_args = parse_args(argv)
+        model_args, data_args, lora_args, training_args = parse_args(argv)
         try:
-            sys.exit(run(model_args, data_args, training_args))
+            sys.exit(run(model_args, data_args, lora_args, training_args))
         except KeyboardInterrupt:
             print("Aborted.", file=sys.stderr)
             sys.exit(INTERRUPTED_EXIT_CODE)

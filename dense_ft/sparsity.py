@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 _DECODER_LINEAR = re.compile(r"(^|\.)layers\.\d+\.")
+_LORA_PART = re.compile(r"\.lora_[A-Za-z_]+\.")
 
 # A pruned model records its pattern in its config under this key, so that later tools know
 # which zeros are pruned blocks and which are ordinary weights that happen to be zero.
@@ -17,11 +18,11 @@ PATTERN_KEY = "sparsity_pattern"
 
 
 def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """The decoder layers' linear layers, by qualified module name."""
+    """The decoder layers' linear layers, by qualified module name (not a LoRA adapter's own A and B)."""
     return {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and _DECODER_LINEAR.search(name)
+        if isinstance(module, nn.Linear) and _DECODER_LINEAR.search(name) and not _LORA_PART.search(name)
     }
 
 

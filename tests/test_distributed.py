@@ -17,18 +17,19 @@ def run_torchrun(*args, timeout=600):
                           timeout=timeout, stdin=subprocess.DEVNULL)
 
 
-def test_ddp_on_two_processes_equals_one_process_with_the_same_effective_batch(tmp_path, tiny_pruned_dir,
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_ddp_on_two_processes_equals_one_process_with_the_same_effective_batch(method, tmp_path, tiny_pruned_dir,
                                                                                 small_corpus_dir):
     # Sequential order: shuffling with 1 or 2 processes gives different (equally valid) orders.
     common = ["--max_steps", 4, "--save_strategy", "no", "--use_cpu", "true", "--max_eval_samples", 2,
-              "--train_sampling_strategy", "sequential"]
+              "--train_sampling_strategy", "sequential", *(["--lora"] if method == "lora" else [])]
     single = run_python(*finetune_args(tiny_pruned_dir, small_corpus_dir, tmp_path / "single", *common,
                                        "--per_device_train_batch_size", 4))
     assert single.returncode == 0, single.stderr[-3000:]
     ddp = run_torchrun(*finetune_args(tiny_pruned_dir, small_corpus_dir, tmp_path / "ddp", *common,
                                       "--per_device_train_batch_size", 2))
     assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
-    assert ddp.stdout.count("*** Starting sparse full fine-tuning ***") == 1  # printed by rank 0 only
+    assert ddp.stdout.count(f"*** Starting sparse {'LoRA' if method == 'lora' else 'full'} fine-tuning ***") == 1
 
     one, two = (load_file(tmp_path / run / "model.safetensors") for run in ("single", "ddp"))
     assert one.keys() == two.keys()

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,9 +30,10 @@ def check_sparsity_cli(*args):
     return run_python("-m", "dense_ft.check_sparsity", *args, timeout=120)
 
 
-def test_sigint_saves_a_checkpoint_and_the_rerun_resumes(tmp_path, tiny_pruned_dir, small_corpus_dir):
+@pytest.mark.parametrize("method", [[], ["--lora"]], ids=["full", "lora"])
+def test_sigint_saves_a_checkpoint_and_the_rerun_resumes(method, tmp_path, tiny_pruned_dir, small_corpus_dir):
     output = tmp_path / "run"
-    args = finetune_args(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 400, "--save_steps", 1000)
+    args = finetune_args(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 400, "--save_steps", 1000, *method)
     process = subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO_ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     lines = []
@@ -48,7 +50,7 @@ def test_sigint_saves_a_checkpoint_and_the_rerun_resumes(tmp_path, tiny_pruned_d
     assert 3 <= step < 400 and os.path.isdir(stopped.group(2))
     assert not (output / "model.safetensors").exists()
 
-    rerun = run_python(*finetune_args(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", step + 2))
+    rerun = run_python(*finetune_args(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", step + 2, *method))
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert f"Resuming from checkpoint {stopped.group(2)}" in rerun.stdout
     assert f"Step {step + 1}:" in rerun.stdout and "Step 1:" not in rerun.stdout
@@ -149,3 +151,36 @@ def test_finetune_the_pruned_embedded_default(tmp_path, embedded_pruned, embedde
     assert after < before
     check = check_sparsity_cli(output, "--reference", pruned)
     assert check.returncode == 0 and "non-zero: 0" in check.stdout
+
+
+def test_a_lora_run_resumes_exactly_and_saves_adapter_and_sparse_merged_model(tmp_path, tiny_pruned_dir,
+                                                                              small_corpus_dir):
+    output = tmp_path / "lora"
+    args = finetune_args(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 4, "--save_steps", 2, "--lora",
+                         "--lora_r", 4, "--lora_target_modules", "q_proj", "v_proj", "down_proj")
+    first = run_python(*args)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "*** Starting sparse LoRA fine-tuning ***" in first.stdout
+    trainable = int(re.search(r"Trainable params: ([\d,]+)", first.stdout).group(1).replace(",", ""))
+    assert trainable == 2 * 4 * ((64 + 64) + (64 + 32) + (128 + 64))  # two layers, rank 4: q, v (2 KV heads), down
+    for name in ("adapter_config.json", "adapter_model.safetensors", "optimizer.pt"):
+        assert (output / "checkpoint-2" / name).exists(), name
+    assert (output / "adapter" / "adapter_model.safetensors").exists() and (output / "model.safetensors").exists()
+    assert json.loads((output / "config.json").read_text())["sparsity_pattern"]["block_size"] == 16
+    check = check_sparsity_cli(output, "--reference", tiny_pruned_dir)
+    assert check.returncode == 0 and "non-zero: 0" in check.stdout
+
+    shutil.rmtree(output / "checkpoint-4")  # as if the run had stopped after step 2
+    rerun = run_python(*args)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert f"Resuming from checkpoint {output / 'checkpoint-2'}" in rerun.stdout
+    losses = [re.findall(r"^Step [34]: loss=\S+$", run.stdout, re.M) for run in (first, rerun)]
+    assert len(losses[0]) == 2 and losses[0] == losses[1]
+
+
+def test_lora_bad_settings_are_one_line(tmp_path, tiny_pruned_dir, small_corpus_dir):
+    for extra, message in ((["--lora_r", 0], "--lora needs --lora_r >= 1"),
+                           (["--lora_target_modules", "nowhere_proj"], "--lora_target_modules")):
+        result = run_python(*finetune_args(tiny_pruned_dir, small_corpus_dir, tmp_path / "out", "--lora", *extra))
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert message in result.stderr.strip().splitlines()[-1]

@@ -26,13 +26,16 @@ def assert_weights_moved(output_dir, reference_dir):
     assert len(moved) > len(before) // 2, f"only {len(moved)} of {len(before)} tensors changed"
 
 
-@pytest.mark.parametrize("optim, optim_args", [("", ""), ("adamw_torch_8bit", "bf16_stochastic_round=True")])
-def test_the_launcher_trains_in_bf16_on_one_gpu(tmp_path, tiny_pruned_dir, small_corpus_dir, optim, optim_args):
+@pytest.mark.parametrize("method, optim, optim_args", [("full", "", ""),
+                                                       ("full", "adamw_torch_8bit", "bf16_stochastic_round=True"),
+                                                       ("lora", "", "")])
+def test_the_launcher_trains_in_bf16_on_one_gpu(tmp_path, tiny_pruned_dir, small_corpus_dir, method, optim,
+                                                optim_args):
     output = tmp_path / "fine tuned"
     env = {**os.environ, "PYTHON": sys.executable, "PRUNED_MODEL": str(tiny_pruned_dir), "OUTPUT_DIR": str(output),
            "DATASET_DIR": str(small_corpus_dir), "BLOCK_SIZE": "32", "MAX_TRAIN_SAMPLES": "64", "NUM_EPOCHS": "1",
            "EFFECTIVE_BATCH_SIZE": "4", "LOGGING_STEPS": "4", "LEARNING_RATE": "1e-3", "OPTIM": optim,
-           "OPTIM_ARGS": optim_args, "ASSUME_YES": "1"}
+           "OPTIM_ARGS": optim_args, "ASSUME_YES": "1", "METHOD": method}
     result = subprocess.run(["bash", str(LAUNCHER), "--num_gpus", "1", "--gpu_ids", "0", "--",
                              "--max_eval_samples", "4", "--disable_tqdm", "true"], cwd=tmp_path, env=env, text=True,
                             capture_output=True, timeout=600, stdin=subprocess.DEVNULL)

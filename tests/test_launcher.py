@@ -287,3 +287,50 @@ def test_optimizer_variables_reach_the_trainer(fake):
     assert flag_value(argv, "--optim_args") == "bf16_stochastic_round=True"
     assert fake.run().returncode == 0
     assert "--optim" not in fake.argv("python") and "--optim_args" not in fake.argv("python")
+
+
+def test_method_lora_trains_sparse_lora_with_its_own_defaults(fake, tmp_path):
+    result = fake.run("--method", "lora", "--dry_run", OUTPUT_DIR="")
+    assert result.returncode == 0 and not fake.called(), result.stderr
+    assert "Method: Sparse LoRA (adapters masked by the pruned blocks, merged at the end)" in result.stdout
+    assert "🚀 Starting sparse LoRA fine-tuning..." in result.stdout
+    command = result.stdout.split("Command: ", 1)[1]
+    assert " --lora" in command and "--learning_rate 2e-4" in command
+    assert "--output_dir out/llama2_7b/block_16x16_20sparsity/wanda/lora_finetuned_model" in command
+
+    result = fake.run("--num_gpus", "2", "--gpu_ids", "0,1", METHOD="lora", LEARNING_RATE="1e-4")
+    assert result.returncode == 0, result.stderr
+    argv = fake.argv("torchrun")
+    assert "--lora" in argv and flag_value(argv, "--learning_rate") == "1e-4"
+    assert flag_value(argv, "--output_dir") == str(tmp_path / "output dir")
+    assert "Sparse LoRA fine-tuning finished. Merged model saved to" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "qlora"], "--method must be full or lora, got 'qlora'"),
+    (["--method", "lora", "--engine", "fsdp", "--num_gpus", "2", "--gpu_ids", "0,1"],
+     "--method lora trains with DDP"),
+])
+def test_bad_method_is_refused(fake, args, message):
+    result = fake.run(*args)
+    assert result.returncode == 2 and message in result.stderr and not fake.called()
+
+
+def test_the_low_memory_advice_is_the_lora_command_for_the_same_run(fake, tmp_path):
+    settings = {"LEARNING_RATE": "1e-4", "DATASET_DIR": str(tmp_path)}
+    args = ["--num_gpus", "1", "--gpu_ids", "1", "--", "--max_steps", "5"]
+    full = fake.run(*args, gpus="81920,30000", **settings)  # 29 GB free: under full's 40, over LoRA's 24
+    assert full.returncode == 1 and not fake.called()
+    lines = full.stdout.splitlines()
+    advice = lines[lines.index("Consider using LoRA fine-tuning instead. Sparse LoRA keeps the pruned blocks at "
+                               "zero; same settings:") + 1].strip()
+    assert "--method lora" in advice
+
+    lora = subprocess.run(["bash", "-c", advice], cwd=tmp_path, env=fake.env(gpus="81920,30000"), text=True,
+                          capture_output=True, stdin=subprocess.DEVNULL, timeout=30)
+    assert lora.returncode == 0, lora.stdout + lora.stderr
+    assert "Warning" not in lora.stdout
+    argv = fake.argv("python")
+    assert "--lora" in argv and flag_value(argv, "--learning_rate") == "1e-4"
+    assert flag_value(argv, "--dataset_dir") == str(tmp_path) and argv[-2:] == ["--max_steps", "5"]
+    assert flag_value(argv, "--output_dir") == str(tmp_path / "output dir_lora")

@@ -1,0 +1,95 @@
+"""Sparse LoRA against PEFT's plain LoRA: activation memory kept for backward, and time per step.
+
+On the embedded default (SmolLM2-135M, float32, 20% of its 16x16 blocks zeroed at random; the
+values do not matter here), rank 8 on q, k, v, o, gate, up, down:
+
+- activation memory: the bytes of every tensor autograd saves for backward during one forward
+  of ``--batch x --seqlen`` tokens (each storage counted once, parameters not counted);
+- time: forward + backward + AdamW step, the two kinds alternated A B B A, median of ``--steps``
+  per run after one warm-up step.
+
+    .venv/bin/python bench/bench_sparse_lora.py [--batch 2 --seqlen 256 --steps 5]
+"""
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from peft import get_peft_model
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "scripts")]
+
+from prepare_embedded import model_dir  # noqa: E402
+
+from dense_ft.masks import prune_random_blocks  # noqa: E402
+from dense_ft.modeling import load_weights  # noqa: E402
+from dense_ft.sparse_lora import LLAMA_TARGET_MODULES, add_sparse_lora, lora_config  # noqa: E402
+
+
+def with_lora(base, kind: str):
+    config = lora_config(8, 16, 0.0, LLAMA_TARGET_MODULES)
+    model = copy.deepcopy(base)
+    return (add_sparse_lora if kind == "sparse" else get_peft_model)(model, config)
+
+
+def saved_activation_bytes(model, ids) -> int:
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(storages.values())
+
+
+def step_seconds(model, ids, steps: int) -> float:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    durations = []
+    for _ in range(steps + 1):
+        started = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        durations.append(time.perf_counter() - started)
+    return statistics.median(durations[1:])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    base = load_weights(str(model_dir()))
+    prune_random_blocks(base, 0.2)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seqlen), generator=generator)
+    models = {kind: with_lora(base, kind).train() for kind in ("sparse", "plain")}
+    memory = {kind: saved_activation_bytes(model, ids) for kind, model in models.items()}
+    times = {kind: [] for kind in models}
+    for kind in ("sparse", "plain", "plain", "sparse"):
+        times[kind].append(step_seconds(models[kind], ids, args.steps))
+    print(json.dumps({
+        "tokens_per_step": args.batch * args.seqlen,
+        "saved_activations_mib": {kind: round(b / 2**20, 1) for kind, b in memory.items()},
+        "activation_ratio": round(memory["sparse"] / memory["plain"], 4),
+        "step_seconds": {kind: [round(t, 3) for t in ts] for kind, ts in times.items()},
+        "time_ratio": round(sum(times["sparse"]) / sum(times["plain"]), 3),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Merge a PEFT LoRA adapter into a pruned model, keeping every pruned block at zero.
+
+    python -m dense_ft.merge_lora PRUNED_MODEL ADAPTER OUTPUT_DIR
+
+The adapter may come from anywhere (plain PEFT, TRL, another trainer): its update is masked by
+the pruned blocks of PRUNED_MODEL before it is added, and the report says how much of it fell
+on pruned blocks, that is, what a plain merge would have written there. OUTPUT_DIR is a normal
+HF directory that keeps the pruned model's ``sparsity_pattern``; the command exits 1 if any
+pruned weight of it is non-zero.
+"""
+
+import argparse
+import json
+import sys
+
+import torch
+from peft.tuners.lora import Linear as LoraLinear
+
+from dense_ft.errors import UserError, exit_on_user_error
+from dense_ft.masks import SparsityMasks
+from dense_ft.modeling import DTYPES, load_model, save_model
+from dense_ft.sparse_lora import MaskedLoraLinear, check_adapter_source, load_sparse_lora
+
+
+@torch.no_grad()
+def update_on_pruned_blocks(peft_model) -> dict:
+    """Frobenius norms of the adapter's update, whole and on pruned blocks, and the pruned weights it touches."""
+    whole_sq = pruned_sq = 0.0
+    touched = 0
+    for module in peft_model.modules():
+        if not isinstance(module, MaskedLoraLinear):
+            continue
+        for adapter in module.active_adapters:
+            dense = LoraLinear.get_delta_weight(module, adapter).float()
+            on_pruned = dense - module.get_delta_weight(adapter).float()
+            whole_sq += dense.pow(2).sum().item()
+            pruned_sq += on_pruned.pow(2).sum().item()
+            touched += int(on_pruned.count_nonzero())
+    return {"update_norm": whole_sq**0.5, "update_norm_on_pruned_blocks": pruned_sq**0.5,
+            "fraction_of_norm_on_pruned_blocks": (pruned_sq / whole_sq) ** 0.5 if whole_sq else 0.0,
+            "pruned_weights_a_plain_merge_would_change": touched}
+
+
+def merge(args) -> dict:
+    check_adapter_source(args.adapter)
+    model, tokenizer = load_model(args.pruned_model, args.torch_dtype)
+    masks = SparsityMasks(model)
+    if not masks:
+        raise UserError(f"{args.pruned_model} has no pruned weights: there is nothing for the mask to keep")
+    peft_model = load_sparse_lora(model, args.adapter)
+    report = {"pruned_model": args.pruned_model, "adapter": args.adapter, "output_dir": args.output_dir,
+              **update_on_pruned_blocks(peft_model)}
+    merged = peft_model.merge_and_unload()
+    violations = masks.violations(merged)
+    save_model(merged, tokenizer, args.output_dir)
+    return {**report, "violations": sum(violations.values())}
+
+
+def print_report(report: dict) -> None:
+    print(f"Adapter update norm: {report['update_norm']:.6g}")
+    print(f"Of it on pruned blocks (removed by the mask): {report['update_norm_on_pruned_blocks']:.6g} "
+          f"({100 * report['fraction_of_norm_on_pruned_blocks']:.2f}%)")
+    print("Pruned weights a plain merge would have made non-zero: "
+          f"{report['pruned_weights_a_plain_merge_would_change']:,}")
+    print(f"Pruned weights of the merged model that are non-zero: {report['violations']}")
+    print(f"Merged model saved to {report['output_dir']}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("pruned_model", help="the pruned model the adapter was trained on (directory or Hub id)")
+    parser.add_argument("adapter", help="PEFT LoRA adapter directory (adapter_config.json, adapter_model.*)")
+    parser.add_argument("output_dir", help="where to save the merged model")
+    parser.add_argument("--torch_dtype", choices=DTYPES, default="float32", help="dtype of the merge")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+    with exit_on_user_error():
+        report = merge(args)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report)
+    sys.exit(1 if report["violations"] else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Sparse LoRA: PEFT LoRA adapters whose update never reaches a pruned block.
+
+Each adapted weight computes with ``W + s * (M * (B @ A))``, where ``M`` is 0 on the pruned
+blocks (the masks full fine-tuning uses), so training, evaluation and the merged model compute
+the same function and the merge writes zeros where the model was pruned. The adapters are
+plain PEFT LoRA (``adapter_config.json``, ``adapter_model.safetensors``): the mask comes from
+the pruned model, not from the adapter.
+
+The masked update is folded into the weight for one matmul per layer (``MaskedLoraFunction``):
+only ``x``, ``A`` and ``B`` are kept for backward, and the effective weight is recomputed there.
+In bf16 the forward therefore computes with ``W + s * M * (B @ A)`` rounded to bf16, exactly
+what the merged bf16 model computes.
+"""
+
+import os
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import Linear as LoraLinear
+from torch import nn
+from torch.nn import functional as F
+from transformers import Trainer
+
+from .errors import UserError
+from .masks import Mask, SparsityMasks
+from .modeling import looks_like_local_path, save_model
+
+LLAMA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def masked_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, pruned: Mask | None) -> torch.Tensor:
+    """``s * (B @ A)`` with the pruned blocks zeroed: a new (out, in) tensor."""
+    delta = (lora_B @ lora_A).mul_(scaling)
+    if pruned is not None:
+        pruned.apply_(delta)
+    return delta
+
+
+def _effective_weight(weight, lora_A, lora_B, scaling, pruned, dtype) -> torch.Tensor:
+    delta = masked_delta(lora_A, lora_B, scaling, pruned)
+    return (delta if weight is None else torch.add(weight, delta)).to(dtype)
+
+
+class MaskedLoraFunction(torch.autograd.Function):
+    """``x @ (W + s * M * (B @ A)).T`` (``W`` may be None: the masked update alone).
+
+    Saves ``x``, ``A``, ``B`` (and the frozen ``W``, which costs nothing), never the (out, in)
+    effective weight: backward recomputes it for the input's gradient, and masks the weight
+    gradient ``g.T @ x`` before it reaches ``A`` and ``B``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_A, lora_B, scaling, pruned):
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):  # compute in the autocast dtype, as nn.Linear would
+            x = x.to(torch.get_autocast_dtype(device_type))
+        with torch.autocast(device_type, enabled=False):
+            output = F.linear(x, _effective_weight(weight, lora_A, lora_B, scaling, pruned, x.dtype))
+        ctx.save_for_backward(x, weight, lora_A, lora_B)
+        ctx.scaling, ctx.pruned = scaling, pruned
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, weight, lora_A, lora_B = ctx.saved_tensors
+        scaling, pruned = ctx.scaling, ctx.pruned
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_output @ _effective_weight(weight, lora_A, lora_B, scaling, pruned, grad_output.dtype)
+        grad_weight = grad_output.reshape(-1, grad_output.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+        if pruned is not None:
+            pruned.apply_(grad_weight)
+        grad_weight = grad_weight.to(lora_A.dtype).mul_(scaling)
+        return grad_x, None, lora_B.T @ grad_weight, grad_weight @ lora_A.T, None, None
+
+
+class MaskedLoraLinear(LoraLinear):
+    """PEFT's LoRA ``Linear`` whose forward, merge and unmerge keep the pruned blocks of the base weight."""
+
+    pruned: Mask | None = None
+
+    def get_delta_weight(self, adapter) -> torch.Tensor:
+        delta = super().get_delta_weight(adapter)
+        if self.pruned is not None:
+            self.pruned.apply_(delta)
+        return delta
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if kwargs.get("adapter_names") is not None:
+            raise UserError("sparse LoRA does not support mixed adapter batches (adapter_names)")
+        adapters = [name for name in self.active_adapters if name in self.lora_A]
+        if self.disable_adapters or self.merged or not adapters:
+            return super().forward(x, *args, **kwargs)
+        base = self.get_base_layer()
+        if self.pruned is not None:
+            self.pruned.to(base.weight.device)  # captured before the Trainer moved the model; a no-op after
+        result = None
+        for name in adapters:
+            lora_A, lora_B = self.lora_A[name].weight, self.lora_B[name].weight
+            dropout = self.lora_dropout[name]
+            if result is None and (isinstance(dropout, nn.Identity) or not self.training):
+                result = MaskedLoraFunction.apply(x, base.weight, lora_A, lora_B, self.scaling[name], self.pruned)
+                if base.bias is not None:
+                    result = result + base.bias
+            else:  # dropout sees only the adapter's input, so the update needs its own matmul
+                if result is None:
+                    result = base(x)
+                result = result + MaskedLoraFunction.apply(dropout(x), None, lora_A, lora_B, self.scaling[name],
+                                                           self.pruned)
+        return result
+
+
+def _sparse_lora_config(config: LoraConfig) -> LoraConfig:
+    if config.use_dora or config.lora_bias:
+        raise UserError("sparse LoRA supports plain LoRA adapters (no DoRA, no LoRA bias)")
+    config._register_custom_module({nn.Linear: MaskedLoraLinear})
+    return config
+
+
+def _attach_masks(peft_model: PeftModel, masks: SparsityMasks) -> PeftModel:
+    by_base_layer = {masks.linears[name]: mask for name, mask in masks.masks.items()}
+    for module in peft_model.modules():
+        if isinstance(module, MaskedLoraLinear):
+            module.pruned = by_base_layer.get(module.get_base_layer())
+    return peft_model
+
+
+def add_sparse_lora(model: nn.Module, config: LoraConfig) -> PeftModel:
+    """``get_peft_model`` with every adapted layer masked by the pruned blocks of ``model``."""
+    masks = SparsityMasks(model)
+    return _attach_masks(get_peft_model(model, _sparse_lora_config(config)), masks)
+
+
+def check_adapter_source(adapter: str) -> None:
+    if os.path.isdir(adapter) and not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+        raise UserError(f"{adapter} is not a PEFT adapter directory (no adapter_config.json)")
+    if not os.path.isdir(adapter) and looks_like_local_path(adapter):
+        raise UserError(f"adapter directory not found: {adapter}")
+
+
+def load_sparse_lora(model: nn.Module, adapter: str, is_trainable: bool = False) -> PeftModel:
+    """``PeftModel.from_pretrained`` for an adapter on a pruned ``model``, masked as in training."""
+    check_adapter_source(adapter)
+    masks = SparsityMasks(model)
+    try:
+        config = LoraConfig.from_pretrained(adapter)
+    except Exception as error:  # a missing Hub id, a malformed config: one line either way
+        raise UserError(f"cannot load adapter {adapter!r}: {str(error).splitlines()[0]}") from error
+    if not isinstance(config, LoraConfig) or config.peft_type != "LORA":
+        raise UserError(f"{adapter} is a {config.peft_type} adapter, not LoRA")
+    peft_model = PeftModel.from_pretrained(model, adapter, config=_sparse_lora_config(config),
+                                           is_trainable=is_trainable)
+    return _attach_masks(peft_model, masks)
+
+
+def lora_config(rank: int, alpha: float, dropout: float, target_modules: list[str]) -> LoraConfig:
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+                      task_type="CAUSAL_LM")
+
+
+class SparseLoraTrainer(Trainer):
+    """A Trainer for a sparse-LoRA model: the masking is in its adapted layers, so what is added here is
+    ``masks`` (the pruned model's, for the final check) and the merged model at the end."""
+
+    def __init__(self, *args, masks: SparsityMasks, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.masks = masks
+
+    def save_merged_model(self) -> None:
+        """The adapter in ``output_dir/adapter``; the merged model (masked update added) in ``output_dir``."""
+        output_dir = self.args.output_dir
+        self.save_model(os.path.join(output_dir, "adapter"))
+        merged = self.accelerator.unwrap_model(self.model).merge_and_unload()
+        if self.is_world_process_zero():
+            save_model(merged, self.processing_class, output_dir)

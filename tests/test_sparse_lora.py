@@ -1,0 +1,145 @@
+"""Sparse LoRA: masked adapters train, merge and reload without touching a pruned block."""
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import run_python, tiny_llama, zero_random_blocks
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from test_sparse_trainer import token_dataset, training_args
+from torch.nn import functional as F
+from transformers import AutoModelForCausalLM, Trainer
+
+from dense_ft import sparse_lora
+from dense_ft.masks import SparsityMasks
+from dense_ft.sparse_lora import LLAMA_TARGET_MODULES, MaskedLoraLinear, add_sparse_lora, load_sparse_lora
+from dense_ft.sparsity import prunable_linears
+
+INPUT = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))
+
+
+def config(dropout=0.0, **overrides):
+    # init_lora_weights=False: B is random too, so the update is non-zero before any training.
+    settings = dict(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=list(LLAMA_TARGET_MODULES),
+                    init_lora_weights=False)
+    settings.update(overrides)
+    return LoraConfig(**settings)
+
+
+def pruned_model(seed=0):
+    model = tiny_llama(seed=seed)
+    return model, zero_random_blocks(model)
+
+
+def dense_masked_reference(x, weight, lora_A, lora_B, scaling, pruned):
+    """The same function through plain autograd, with the mask as a full-size bool tensor."""
+    update = (lora_B @ lora_A) * scaling * ~pruned.dense().to(x.device)
+    return F.linear(x, update if weight is None else weight + update)
+
+
+def lora_grads(model):
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_gradients_equal_the_dense_masked_reference_and_skip_pruned_blocks(dropout, monkeypatch):
+    base, _ = pruned_model()
+    model = add_sparse_lora(base, config(dropout)).train()
+    reference = copy.deepcopy(model)
+    torch.manual_seed(0)
+    model(input_ids=INPUT, labels=INPUT).loss.backward()
+    monkeypatch.setattr(sparse_lora.MaskedLoraFunction, "apply", dense_masked_reference)
+    torch.manual_seed(0)
+    reference(input_ids=INPUT, labels=INPUT).loss.backward()
+    grads, expected = lora_grads(model), lora_grads(reference)
+    assert grads.keys() == expected.keys() and len(grads) == 2 * 7 * 2
+    for name, grad in grads.items():
+        assert torch.allclose(grad, expected[name], atol=1e-6, rtol=1e-4), name
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+def test_the_merge_keeps_every_pruned_weight_zero_and_the_same_function():
+    base, pruned = pruned_model()
+    model = add_sparse_lora(base, config()).eval()
+    with torch.no_grad():
+        unmerged = model(input_ids=INPUT).logits
+    plain = get_peft_model(pruned_model()[0], config())  # the same adapter, as PEFT alone knows it
+    set_peft_model_state_dict(plain, get_peft_model_state_dict(model))
+    merged = model.merge_and_unload()
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=INPUT).logits, unmerged, atol=1e-5)
+    for name, linear in prunable_linears(merged).items():
+        assert linear.weight[pruned[name]].eq(0).all(), name
+        assert linear.weight[~pruned[name]].ne(0).float().mean() > 0.99
+
+    dense_merge = plain.merge_and_unload()  # what PEFT's own merge does with the same adapter
+    leaked = sum(int(linear.weight[pruned[name]].ne(0).sum())
+                 for name, linear in prunable_linears(dense_merge).items())
+    assert leaked > 0.9 * sum(int(p.sum()) for p in pruned.values())
+
+
+def test_training_moves_only_the_adapters_and_the_merge_stays_sparse(tmp_path):
+    base, pruned = pruned_model()
+    frozen = {name: p.detach().clone() for name, p in base.named_parameters()}
+    model = add_sparse_lora(base, config(dropout=0.05, init_lora_weights=True))
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    Trainer(model=model, args=training_args(tmp_path, learning_rate=1e-2), train_dataset=token_dataset()).train()
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert all(not torch.equal(before[name], p) for name, p in trained.items()), "every adapter trains"
+    merged = model.merge_and_unload()
+    assert SparsityMasks(pruned_model()[0]).violations(merged) == {}
+    changed = [name for name, p in merged.named_parameters() if not torch.equal(frozen[name], p)]
+    assert changed and all(name.endswith("proj.weight") for name in changed)
+    for name, linear in prunable_linears(merged).items():
+        assert linear.weight[pruned[name]].eq(0).all(), name
+
+
+def test_a_saved_adapter_reloads_masked(tmp_path):
+    base, _ = pruned_model()
+    model = add_sparse_lora(base, config()).eval()
+    with torch.no_grad():
+        expected = model(input_ids=INPUT).logits
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = load_sparse_lora(pruned_model()[0], str(tmp_path / "adapter")).eval()
+    assert sum(isinstance(m, MaskedLoraLinear) and m.pruned is not None for m in reloaded.modules()) == 14
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=INPUT).logits, expected, atol=1e-6)
+
+
+def test_adapter_layers_are_not_prunable_weights():
+    model = add_sparse_lora(pruned_model()[0], config(init_lora_weights=True))  # B starts at exactly zero
+    names = list(prunable_linears(model))
+    assert len(names) == 14 and all(name.endswith("base_layer") for name in names)
+
+
+def real_text_ids(tokenizer, corpus_dir, tokens=256):
+    text = (corpus_dir / "wiki.test.raw").read_text(encoding="utf-8")[:20_000]
+    return tokenizer(text, return_tensors="pt").input_ids[:, :tokens]
+
+
+def test_embedded_default_merge_equals_the_adapter_model_and_a_plain_merge_is_not_sparse(
+        tmp_path, embedded_pruned, embedded_corpus_dir, tokenizer):
+    pruned_dir = embedded_pruned / "pruned_model"
+    ids = real_text_ids(tokenizer, embedded_corpus_dir)
+    plain = get_peft_model(AutoModelForCausalLM.from_pretrained(pruned_dir), config(r=8, lora_alpha=16))
+    with torch.no_grad():  # an adapter trained elsewhere: small random updates on every target weight
+        for name, p in plain.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1e-3)
+    plain.save_pretrained(tmp_path / "adapter")
+
+    result = run_python("-m", "dense_ft.merge_lora", pruned_dir, tmp_path / "adapter", tmp_path / "merged", "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report["violations"] == 0 and 0.3 < report["fraction_of_norm_on_pruned_blocks"] < 0.6
+    masks = SparsityMasks(AutoModelForCausalLM.from_pretrained(pruned_dir))
+    assert report["pruned_weights_a_plain_merge_would_change"] == masks.num_pruned
+
+    adapter_model = load_sparse_lora(AutoModelForCausalLM.from_pretrained(pruned_dir), str(tmp_path / "adapter"))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        difference = (merged(input_ids=ids).logits - adapter_model.eval()(input_ids=ids).logits).abs().max().item()
+    assert difference < 1e-4
+    assert masks.violations(merged) == {}
+    assert sum(masks.violations(plain.merge_and_unload()).values()) == masks.num_pruned
