@@ -1,10 +1,12 @@
-"""``SparseTrainer``: a ``transformers.Trainer`` in which pruned weights stay exactly zero.
+"""``SparseTrainingMixin``: any ``transformers.Trainer`` in which pruned weights stay exactly zero.
 
-The masks are captured once, from the model it is given. On every real optimizer step (not
-on gradient-accumulation micro-steps) the gradients of pruned weights are zeroed before
-clipping and the step, so the optimizer's moments for them stay zero, and the weights are
-re-masked right after the step. The mask is never re-derived from ``W == 0`` during
-training: a kept weight that passes through zero stays trainable.
+Mixed in before the Trainer class (``class SparseSFTTrainer(SparseTrainingMixin, SFTTrainer)``);
+``SparseTrainer`` is the mixin on the plain ``Trainer``. The masks are captured once, from the
+model the trainer is given. On every real optimizer step (not on gradient-accumulation
+micro-steps) the gradients of pruned weights are zeroed before clipping and the step, so the
+optimizer's moments for them stay zero, and the weights are re-masked right after the step.
+The mask is never re-derived from ``W == 0`` during training: a kept weight that passes
+through zero stays trainable.
 """
 
 import torch
@@ -15,7 +17,7 @@ from .errors import UserError
 from .masks import SparsityMasks
 from .sparsity import check_sparsity
 
-__all__ = ["SparseTrainer", "check_sparsity"]
+__all__ = ["SparseTrainer", "SparseTrainingMixin", "check_sparsity"]
 
 
 class _ReapplyMasksAfterStep(TrainerCallback):
@@ -26,7 +28,9 @@ class _ReapplyMasksAfterStep(TrainerCallback):
         self.masks.apply_to_weights()
 
 
-class SparseTrainer(Trainer):
+class SparseTrainingMixin:
+    """Keeps a ``transformers.Trainer`` subclass's pruned weights at zero: list it first among the bases."""
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.is_deepspeed_enabled:
@@ -57,3 +61,7 @@ class SparseTrainer(Trainer):
         if self.accelerator.sync_gradients:
             self.masks.apply_to_grads()
         return loss
+
+
+class SparseTrainer(SparseTrainingMixin, Trainer):
+    """``transformers.Trainer`` with the pruned pattern kept."""
