@@ -16,11 +16,26 @@ import time
 import torch
 
 from dense_ft.errors import UserError, exit_on_user_error
-from dense_ft.evaluation import ZERO_SHOT_TASKS, accuracies, perplexity, zero_shot
+from dense_ft.evaluation import (
+    ZERO_SHOT_TASKS,
+    accuracies,
+    perplexity,
+    save_lm_eval_results,
+    task_metrics,
+    zero_shot,
+)
 from dense_ft.modeling import default_device, load_model, save_model
 from dense_ft.sparsity import check_sparsity
 from dense_ft.text import joined_text, load_corpus
 from dense_ft.wanda import calibration_windows, check_block_shapes, prune_wanda_blocks
+
+
+def lm_eval_batch_size(value: str) -> int | str:
+    if value == "auto" or value.startswith("auto:"):
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"a positive integer or auto, got {value!r}")
+    return int(value)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tasks", default=",".join(ZERO_SHOT_TASKS), help="comma-separated lm-eval tasks")
     parser.add_argument("--include_path", help="extra folder of lm-eval task definitions")
     parser.add_argument("--limit", type=float, help="lm-eval: examples per task (or a fraction)")
+    parser.add_argument("--eval_batch_size", default="1", type=lm_eval_batch_size,
+                        help="lm-eval batch size: a number, or auto (the largest that fits)")
     args = parser.parse_args(argv)
     if not 0 <= args.sparsity_ratio < 1:
         parser.error(f"--sparsity_ratio must be in [0, 1), got {args.sparsity_ratio}")
@@ -120,11 +137,16 @@ def run(args: argparse.Namespace) -> dict:
     print(f"wikitext perplexity {results['perplexity']:.4f}")
 
     if args.eval_zero_shot:
-        lm_eval_results = zero_shot(model, tokenizer, args.tasks.split(","), args.include_path, args.limit)
+        lm_eval_results = zero_shot(model, tokenizer, args.tasks.split(","), args.include_path, args.limit,
+                                    args.eval_batch_size)
         from lm_eval.utils import make_table
 
         print(make_table(lm_eval_results))
         results["zero_shot"] = accuracies(lm_eval_results)
+        results["zero_shot_metrics"] = task_metrics(lm_eval_results)
+        if args.save:
+            os.makedirs(args.save, exist_ok=True)
+            save_lm_eval_results(lm_eval_results, os.path.join(args.save, "lm_eval_results.json"))
 
     if args.save_model:
         save_model(model, tokenizer, args.save_model)

@@ -10,7 +10,7 @@ SCRIPT_NAME=$(basename "$0")
 # The settings a user may give in the environment; those given are repeated in the LoRA advice.
 USER_SETTINGS=()
 for name in PRUNED_MODEL DATASET DATASET_CONFIG DATASET_DIR NUM_EPOCHS LEARNING_RATE BATCH_SIZE BLOCK_SIZE \
-            MAX_TRAIN_SAMPLES EFFECTIVE_BATCH_SIZE LOGGING_STEPS SAVE_STEPS OPTIM OPTIM_ARGS; do
+            MAX_TRAIN_SAMPLES EFFECTIVE_BATCH_SIZE LOGGING_STEPS SAVE_STEPS OPTIM OPTIM_ARGS REPORT_TO; do
     [[ -z ${!name+set} ]] || USER_SETTINGS+=("$name=${!name}")
 done
 OUTPUT_DIR_GIVEN=${OUTPUT_DIR:+1}
@@ -35,6 +35,7 @@ LOGGING_STEPS=${LOGGING_STEPS:-10}
 SAVE_STEPS=${SAVE_STEPS:-200}
 OPTIM=${OPTIM:-}
 OPTIM_ARGS=${OPTIM_ARGS:-}
+REPORT_TO=${REPORT_TO:-none}
 METHOD=${METHOD:-full}
 MIN_GPU_MEMORY_GB=${MIN_GPU_MEMORY_GB:-}
 ASSUME_YES=${ASSUME_YES:-0}
@@ -104,6 +105,7 @@ Environment variables (defaults in brackets):
   OPTIM, OPTIM_ARGS     the Trainer's --optim and --optim_args [${OPTIM:-adamw_torch_fused}, ${OPTIM_ARGS:-unset}];
                         OPTIM=adamw_torch_8bit OPTIM_ARGS=bf16_stochastic_round=True keeps the
                         small updates that bf16 AdamW drops, in less memory (see the README)
+  REPORT_TO             the Trainer's --report_to: none, tensorboard, wandb, ... [$REPORT_TO]
   MIN_GPU_MEMORY_GB     free memory under which to warn [40 for full, 24 for lora]
   ASSUME_YES=1          same as --yes
   PYTHON, TORCHRUN      the interpreters to run [$PYTHON, $TORCHRUN]
@@ -313,7 +315,7 @@ build_command() {
         --logging_steps "$LOGGING_STEPS"
         --save_steps "$SAVE_STEPS"
         --save_total_limit 2
-        --report_to none
+        --report_to "$REPORT_TO"
     )
     [[ -z $OPTIM ]] || finetune_args+=(--optim "$OPTIM")
     [[ -z $OPTIM_ARGS ]] || finetune_args+=(--optim_args "$OPTIM_ARGS")

@@ -38,7 +38,7 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, seqlen: int, max_windo
 
 
 def zero_shot(model: nn.Module, tokenizer, tasks, include_path: str | None = None, limit: float | None = None,
-              batch_size: int = 1) -> dict:
+              batch_size: int | str = 1) -> dict:
     """Zero-shot accuracy per task with lm-eval's ``simple_evaluate`` on the in-memory model."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -58,3 +58,20 @@ def zero_shot(model: nn.Module, tokenizer, tasks, include_path: str | None = Non
 def accuracies(results: dict) -> dict[str, float]:
     """task -> accuracy (``acc,none``) from lm-eval results."""
     return {task: metrics["acc,none"] for task, metrics in results["results"].items() if "acc,none" in metrics}
+
+
+def task_metrics(results: dict) -> dict[str, dict[str, float]]:
+    """task -> every numeric metric lm-eval reported (``acc``, ``acc_norm``, their ``_stderr``), filter dropped."""
+    return {task: {name.split(",")[0]: value for name, value in metrics.items()
+                   if "," in name and isinstance(value, int | float)}
+            for task, metrics in results["results"].items()}
+
+
+def save_lm_eval_results(results: dict, path: str) -> None:
+    """lm-eval's own results (configs, versions, metrics with standard errors), without the per-sample logs."""
+    import json
+
+    from lm_eval.utils import handle_non_serializable
+
+    with open(path, "w") as f:
+        json.dump({k: v for k, v in results.items() if k != "samples"}, f, indent=2, default=handle_non_serializable)

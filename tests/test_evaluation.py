@@ -19,6 +19,7 @@ doc_to_choice: "{{{{choices}}}}"
 doc_to_target: "{{{{answer}}}}"
 metric_list:
   - metric: acc
+  - metric: acc_norm
 """
 QUESTIONS = [
     ("The sky on a clear day is", [" blue", " spoon-shaped"], 0),
@@ -52,8 +53,14 @@ def test_zero_shot_with_a_local_task(tmp_path, embedded_model_dir, small_corpus_
     (tasks / "tiny.yaml").write_text(TINY_TASK.format(data=data))
     result = run_python("main_block.py", "--model", embedded_model_dir, "--eval_dataset", small_corpus_dir,
                         "--seqlen", 128, "--max_eval_windows", 1, "--eval_zero_shot", "--tasks",
-                        "tiny_obvious_choice", "--include_path", tasks, "--save", tmp_path / "out")
+                        "tiny_obvious_choice", "--include_path", tasks, "--eval_batch_size", "auto",
+                        "--save", tmp_path / "out")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "tiny_obvious_choice" in result.stdout and "acc" in result.stdout  # the printed table
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["zero_shot"] == {"tiny_obvious_choice": 1.0}
+    metrics = results["zero_shot_metrics"]["tiny_obvious_choice"]
+    assert metrics["acc"] == 1.0 and {"acc_stderr", "acc_norm", "acc_norm_stderr"} <= metrics.keys()
+    lm_eval = json.loads((tmp_path / "out" / "lm_eval_results.json").read_text())
+    assert lm_eval["results"]["tiny_obvious_choice"]["acc_norm,none"] == metrics["acc_norm"]
+    assert "samples" not in lm_eval and "tiny_obvious_choice" in lm_eval["configs"]

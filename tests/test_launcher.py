@@ -193,10 +193,11 @@ def test_extra_arguments_arrive_unchanged_and_settings_come_from_the_environment
     corpus = tmp_path / "my corpus"
     corpus.mkdir()
     result = fake.run("--", *extra, cwd=REPO_ROOT / "tests", BATCH_SIZE="2", EFFECTIVE_BATCH_SIZE="16",
-                      NUM_EPOCHS="1", DATASET_DIR=str(corpus))
+                      NUM_EPOCHS="1", DATASET_DIR=str(corpus), REPORT_TO="tensorboard")
     assert result.returncode == 0, result.stderr
     argv = fake.argv("python")
     assert argv[-len(extra):] == extra
+    assert flag_value(argv, "--report_to") == "tensorboard"
     assert flag_value(argv, "--per_device_train_batch_size") == "2"
     assert flag_value(argv, "--gradient_accumulation_steps") == "8"
     assert flag_value(argv, "--dataset_dir") == str(corpus) and "--dataset_name" not in argv
