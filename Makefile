@@ -1,5 +1,6 @@
 # Two commands do all the set-up: `make demo` runs the whole pipeline on the embedded
-# default, `make test` runs the test suite. Both create .venv from requirements.txt first.
+# default, `make test` runs the test suite. Both create .venv from requirements.txt (and the
+# package itself, editable) first.
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed-requirements
@@ -8,9 +9,10 @@ export HF_DATASETS_OFFLINE ?= 1
 
 .PHONY: demo test lint embedded
 
-$(INSTALLED): requirements.txt
+$(INSTALLED): requirements.txt pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
 embedded: $(INSTALLED)

@@ -447,6 +447,8 @@ main() {
     if (( USE_GPU )); then
         export CUDA_VISIBLE_DEVICES=$GPU_IDS
     fi
+    "$PYTHON" -c "import dense_ft" 2> /dev/null \
+        || die "the dense_ft package is not installed for $PYTHON: pip install -e $(printf '%q' "$SCRIPT_DIR")"
     local status=0
     "${COMMAND[@]}" || status=$?
     print_outcome "$status"

@@ -20,9 +20,6 @@ import sys
 from dataclasses import dataclass, field
 from itertools import chain
 
-if __package__ in (None, ""):  # run as a script: python dense_ft/finetune.py
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from transformers import (
     HfArgumentParser,
     Trainer,

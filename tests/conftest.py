@@ -11,15 +11,13 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import prepare_embedded  # scripts/, on pytest's pythonpath
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from dense_ft.masks import prune_random_blocks
+from dense_ft.sparsity import prunable_linears
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
-
-import prepare_embedded  # noqa: E402
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
-
-from dense_ft.masks import prune_random_blocks  # noqa: E402
-from dense_ft.sparsity import prunable_linears  # noqa: E402
 
 BLOCK = 16
 
