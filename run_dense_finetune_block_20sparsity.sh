@@ -309,7 +309,7 @@ build_command() {
         --learning_rate "$LEARNING_RATE"
         --per_device_train_batch_size "$BATCH_SIZE"
         --per_device_eval_batch_size "$BATCH_SIZE"
-        --gradient_accumulation_steps "$GRAD_ACCUM"
+        --effective_batch_size "$EFFECTIVE_BATCH_SIZE"
         --block_size "$BLOCK_SIZE"
         --max_train_samples "$MAX_TRAIN_SAMPLES"
         --logging_steps "$LOGGING_STEPS"

@@ -85,6 +85,21 @@ class SparseTrainingArguments(TrainingArguments):
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Start over instead of resuming from the last checkpoint in output_dir."}
     )
+    effective_batch_size: int | None = field(default=None, metadata={
+        "help": "Sequences per optimizer step over all processes: sets --gradient_accumulation_steps to it / "
+                "(per-device batch x world size), for whatever launcher started the run."})
+
+    def apply_effective_batch_size(self) -> None:
+        """Derive the accumulation from the world size, or refuse a world size that cannot reach the batch."""
+        if self.effective_batch_size is None:
+            return
+        if self.gradient_accumulation_steps != 1:
+            raise UserError("give --effective_batch_size or --gradient_accumulation_steps, not both")
+        per_step = self.per_device_train_batch_size * self.world_size
+        if self.effective_batch_size < 1 or self.effective_batch_size % per_step:
+            raise UserError(f"--effective_batch_size {self.effective_batch_size} is not a multiple of per-device "
+                            f"batch {self.per_device_train_batch_size} x {self.world_size} process(es)")
+        self.gradient_accumulation_steps = self.effective_batch_size // per_step
 
 
 class PrintProgress(TrainerCallback):
@@ -176,6 +191,10 @@ def print_start(trainer: SparseTrainer | SparseLoraTrainer, resume_from: str | N
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
     print(f"Trainable params: {trainable:,} || All params: {total:,} || Trainable%: {100 * trainable / total:.2f}")
+    batch, world, accumulation = (trainer.args.per_device_train_batch_size, trainer.args.world_size,
+                                  trainer.args.gradient_accumulation_steps)
+    print(f"Effective batch size: {batch * world * accumulation} (per-device {batch} x {world} process(es) x "
+          f"accumulation {accumulation})")
     if resume_from:
         print(f"Resuming from checkpoint {resume_from}")
 
@@ -212,6 +231,7 @@ def build_trainer(model, lora_args: LoraArguments, **kwargs) -> SparseTrainer | 
 def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
         training_args: SparseTrainingArguments) -> int:
     lora_args.validate(training_args)
+    training_args.apply_effective_batch_size()
     resume_from = checkpoint_to_resume(training_args)
     raw = load_raw_text(data_args)
     model, tokenizer = load_model(model_args.model_name_or_path, model_args.torch_dtype)

@@ -76,3 +76,17 @@ def test_training_unsynchronized_replicas_is_refused(tmp_path):
     result = run_torchrun("tests/ddp_guard_worker.py", tmp_path)
     assert result.returncode != 0
     assert result.stdout.count("refused: the model is not wrapped in DistributedDataParallel") == 2
+
+
+def test_the_effective_batch_rule_holds_under_torchrun(tmp_path, tiny_pruned_dir, small_corpus_dir):
+    common = ["--max_steps", 1, "--save_strategy", "no", "--use_cpu", "true", "--max_eval_samples", 2,
+              "--per_device_train_batch_size", 2]
+    run = run_torchrun(*finetune_args(tiny_pruned_dir, small_corpus_dir, tmp_path / "ok", *common,
+                                      "--effective_batch_size", 8))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "Effective batch size: 8 (per-device 2 x 2 process(es) x accumulation 2)" in run.stdout
+
+    refused = run_torchrun(*finetune_args(tiny_pruned_dir, small_corpus_dir, tmp_path / "no", *common,
+                                          "--effective_batch_size", 6))
+    assert refused.returncode != 0 and "UserError" not in refused.stderr  # torchrun adds its own report
+    assert "error: --effective_batch_size 6 is not a multiple of per-device batch 2 x 2 process(es)" in refused.stderr

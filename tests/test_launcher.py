@@ -18,8 +18,10 @@ FAKE_NVIDIA_SMI = """#!/usr/bin/env bash
 IFS=, read -r -a free <<< "$FAKE_GPU_FREE_MB"
 for i in "${!free[@]}"; do echo "$i, ${free[$i]}"; done
 """
-# Records its argv (NUL-separated) and environment, then exits with FAKE_EXIT_CODE.
+# Records its argv (NUL-separated) and environment, then exits with FAKE_EXIT_CODE; answers the
+# launcher's "python -c 'import dense_ft'" probe with FAKE_IMPORT_EXIT, unrecorded.
 FAKE_TRAINER = """#!/usr/bin/env bash
+[[ "${{1:-}}" == -c ]] && exit "${{FAKE_IMPORT_EXIT:-0}}"
 printf '%s\\0' "$@" > "$FAKE_RECORD/{name}.argv"
 env > "$FAKE_RECORD/{name}.env"
 if [[ -n "${{FAKE_WAIT_FOR_SIGNAL:-}}" ]]; then
@@ -106,7 +108,7 @@ def test_the_guide_examples(fake, args, gpus, mode, accumulation):
     launcher = "torchrun" if "torchrun" in mode else "python"
     assert fake.called() == {launcher}
     argv = fake.argv(launcher)
-    assert flag_value(argv, "--gradient_accumulation_steps") == str(accumulation)
+    assert flag_value(argv, "--effective_batch_size") == "8" and "--gradient_accumulation_steps" not in argv
     assert flag_value(argv, "--model_name_or_path") == str(fake.model)
     assert flag_value(argv, "--num_train_epochs") == "3" and flag_value(argv, "--learning_rate") == "5e-5"
     assert flag_value(argv, "--block_size") == "1024" and flag_value(argv, "--max_train_samples") == "30000"
@@ -183,8 +185,9 @@ def test_without_nvidia_smi_it_trains_on_the_cpu(fake):
     result = fake.run("--num_gpus", "2", "--gpu_ids", "2,3")
     assert result.returncode == 0, result.stderr
     assert "No NVIDIA GPU found" in result.stdout and fake.called() == {"python"}
+    assert "  Gradient accumulation: 8\n" in result.stdout
     argv = fake.argv("python")
-    assert flag_value(argv, "--gradient_accumulation_steps") == "8"
+    assert flag_value(argv, "--effective_batch_size") == "8"
     assert "--bf16" not in argv and "CUDA_VISIBLE_DEVICES" not in fake.environ("python")
 
 
@@ -199,7 +202,7 @@ def test_extra_arguments_arrive_unchanged_and_settings_come_from_the_environment
     assert argv[-len(extra):] == extra
     assert flag_value(argv, "--report_to") == "tensorboard"
     assert flag_value(argv, "--per_device_train_batch_size") == "2"
-    assert flag_value(argv, "--gradient_accumulation_steps") == "8"
+    assert flag_value(argv, "--effective_batch_size") == "16" and "  Gradient accumulation: 8\n" in result.stdout
     assert flag_value(argv, "--dataset_dir") == str(corpus) and "--dataset_name" not in argv
     assert flag_value(argv, "--output_dir") == str(tmp_path / "output dir")
 
@@ -213,7 +216,8 @@ def test_multi_node_settings_go_to_torchrun(fake):
                 "--master_port=29600"):
         assert arg in argv
     assert "--standalone" not in argv
-    assert flag_value(argv, "--gradient_accumulation_steps") == "2"  # 8 / (1 x 2 GPUs x 2 nodes)
+    assert "  Gradient accumulation: 2\n" in result.stdout  # 8 / (1 x 2 GPUs x 2 nodes)
+    assert flag_value(argv, "--effective_batch_size") == "8"
 
 
 def test_missing_pruned_model_says_how_to_make_it(fake, tmp_path):
@@ -335,3 +339,10 @@ def test_the_low_memory_advice_is_the_lora_command_for_the_same_run(fake, tmp_pa
     assert "--lora" in argv and flag_value(argv, "--learning_rate") == "1e-4"
     assert flag_value(argv, "--dataset_dir") == str(tmp_path) and argv[-2:] == ["--max_steps", "5"]
     assert flag_value(argv, "--output_dir") == str(tmp_path / "output dir_lora")
+
+
+def test_an_uninstalled_package_is_one_line_before_training(fake):
+    result = fake.run(FAKE_IMPORT_EXIT="1")
+    assert result.returncode == 2 and not fake.called()
+    assert result.stderr.strip().splitlines() == [f"Error: the dense_ft package is not installed for python: "
+                                                  f"pip install -e {REPO_ROOT}"]
