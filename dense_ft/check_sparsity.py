@@ -2,30 +2,108 @@
 
 With ``--reference PRUNED_DIR`` it also counts the weights that are pruned in the reference
 (its recorded 16x16 blocks, or its zeros) but not zero in MODEL_DIR, and exits 1 if any is.
+
+Both models are read one tensor at a time from their safetensors files (sharded or not), never
+loaded whole: memory is about the largest pair of tensors, whatever the size of the models.
 """
 
 import argparse
 import json
+import os
+import re
 import sys
 
-from dense_ft.errors import exit_on_user_error
-from dense_ft.masks import SparsityMasks
-from dense_ft.modeling import load_weights
-from dense_ft.sparsity import layer_sparsity
+from safetensors import safe_open
+
+from dense_ft.errors import UserError, exit_on_user_error
+from dense_ft.masks import capture_mask
+from dense_ft.modeling import check_model_source
+from dense_ft.sparsity import PATTERN_KEY
 
 WORST_LAYERS_SHOWN = 10
+# The decoder layers' linear weights, as prunable_linears names their modules (plus ".weight").
+_PRUNABLE_WEIGHT = re.compile(r"(^|\.)layers\.\d+\.(?!.*\.lora_).*\.weight$")
+_INDEX = "model.safetensors.index.json"
+
+
+class SafetensorsModel:
+    """A model directory's config and tensors, each tensor read from its file only when asked for."""
+
+    def __init__(self, source: str):
+        check_model_source(source)
+        self.path = source if os.path.isdir(source) else _download(source)
+        with open(os.path.join(self.path, "config.json")) as f:
+            self.config = json.load(f)
+        self.files = {}  # tensor name -> file
+        if os.path.isfile(os.path.join(self.path, _INDEX)):
+            with open(os.path.join(self.path, _INDEX)) as f:
+                self.files = {name: os.path.join(self.path, file) for name, file in json.load(f)["weight_map"].items()}
+        elif os.path.isfile(os.path.join(self.path, "model.safetensors")):
+            file = os.path.join(self.path, "model.safetensors")
+            with safe_open(file, "pt") as f:
+                self.files = dict.fromkeys(f.keys(), file)
+        else:
+            raise UserError(f"{source} has no safetensors weights (model.safetensors or {_INDEX})")
+
+    @property
+    def block_size(self) -> int | None:
+        pattern = self.config.get(PATTERN_KEY)
+        return pattern["block_size"] if pattern else None
+
+    def prunable_weights(self) -> list[str]:
+        """Names of the decoder layers' matrices, in layer order."""
+        names = [name for name in self.files if _PRUNABLE_WEIGHT.search(name) and len(self.shape(name)) == 2]
+        return sorted(names, key=lambda name: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)])
+
+    def shape(self, name: str) -> list[int]:
+        with safe_open(self.files[name], "pt") as f:
+            return f.get_slice(name).get_shape()
+
+    def tensor(self, name: str):
+        try:
+            with safe_open(self.files[name], "pt") as f:
+                return f.get_tensor(name)
+        except Exception as error:  # a truncated or corrupted file: one line, naming it
+            raise UserError(f"cannot read {name} from {self.files[name]}: {str(error).splitlines()[0]}") from error
+
+
+def _download(repo_id: str) -> str:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"])
+    except Exception as error:  # the Hub's errors are many; all mean the same here
+        raise UserError(f"cannot load model {repo_id!r}: {str(error).splitlines()[0]}") from error
+
+
+def _layer(weight_name: str) -> str:
+    return weight_name.removesuffix(".weight")
 
 
 def report(args) -> dict:
-    model = load_weights(args.model_dir)
-    layers = layer_sparsity(model)
-    zeros = sum(z for z, _ in layers.values())
-    total = sum(n for _, n in layers.values())
-    result = {"model": args.model_dir, "sparsity": zeros / total if total else 0.0, "zeros": zeros, "weights": total}
+    model = SafetensorsModel(args.model_dir)
+    names = model.prunable_weights()
+    reference = SafetensorsModel(args.reference) if args.reference else None
+    if reference is not None and reference.prunable_weights() != names:
+        raise UserError(f"{args.model_dir} and the reference {args.reference} do not have the same prunable layers")
+    zeros, sizes, violations = {}, {}, {}
+    for name in names:
+        weight = model.tensor(name)
+        zeros[name], sizes[name] = int((weight == 0).sum()), weight.numel()
+        if reference is not None:
+            pruned = reference.tensor(name)
+            if pruned.shape != weight.shape:
+                raise UserError(f"{_layer(name)} is {tuple(weight.shape)} in {args.model_dir} but "
+                                f"{tuple(pruned.shape)} in the reference")
+            mask = capture_mask(pruned, reference.block_size)
+            if mask is not None and (count := mask.count_nonzero(weight)):
+                violations[_layer(name)] = count
+    total = sum(sizes.values())
+    result = {"model": args.model_dir, "sparsity": sum(zeros.values()) / total if total else 0.0,
+              "zeros": sum(zeros.values()), "weights": total}
     if args.per_layer:
-        result["layers"] = {name: z / n for name, (z, n) in layers.items()}
-    if args.reference:
-        violations = SparsityMasks(load_weights(args.reference)).violations(model)
+        result["layers"] = {_layer(name): zeros[name] / sizes[name] for name in names}
+    if reference is not None:
         result.update(reference=args.reference, violations=sum(violations.values()), violating_layers=violations)
     return result
 

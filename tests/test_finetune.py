@@ -12,8 +12,8 @@ import time
 
 import pytest
 import torch
-from conftest import REPO_ROOT, run_python
-from transformers import AutoModelForCausalLM
+from conftest import REPO_ROOT, run_python, tiny_llama
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from dense_ft.sparsity import prunable_linears
 
@@ -184,3 +184,30 @@ def test_lora_bad_settings_are_one_line(tmp_path, tiny_pruned_dir, small_corpus_
         result = run_python(*finetune_args(tiny_pruned_dir, small_corpus_dir, tmp_path / "out", "--lora", *extra))
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
         assert message in result.stderr.strip().splitlines()[-1]
+
+
+def test_check_sparsity_streams_sharded_checkpoints(tmp_path, tiny_pruned_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_pruned_dir)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 3
+    name, linear = list(prunable_linears(model).items())[5]
+    row, col = (linear.weight == 0).nonzero()[-1].tolist()
+    with torch.no_grad():
+        linear.weight[row, col] = 0.5
+    model.save_pretrained(tmp_path / "violated", max_shard_size="100KB")
+
+    whole = json.loads(check_sparsity_cli(tiny_pruned_dir, "--per_layer", "--json").stdout)
+    sharded = check_sparsity_cli(tmp_path / "sharded", "--reference", tiny_pruned_dir, "--per_layer", "--json")
+    assert sharded.returncode == 0 and json.loads(sharded.stdout)["layers"] == whole["layers"]
+    assert set(whole["layers"]) == set(prunable_linears(model))
+    layer_numbers = [int(name.split(".")[2]) for name in whole["layers"]]
+    assert layer_numbers == sorted(layer_numbers)  # layer order, not string order
+    violated = check_sparsity_cli(tmp_path / "violated", "--reference", tmp_path / "sharded", "--json")
+    assert violated.returncode == 1 and json.loads(violated.stdout)["violating_layers"] == {name: 1}
+
+    config = tiny_llama().config  # same layer names, other shapes: one line, not a traceback
+    config.intermediate_size = 256
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "other")
+    mismatch = check_sparsity_cli(tmp_path / "other", "--reference", tiny_pruned_dir)
+    assert mismatch.returncode == 2 and "Traceback" not in mismatch.stderr
+    assert mismatch.stderr.strip().splitlines()[-1].startswith("error: model.layers.0.mlp.down_proj is (64, 256)")
