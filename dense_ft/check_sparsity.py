@@ -18,7 +18,7 @@ from safetensors import safe_open
 from dense_ft.errors import UserError, exit_on_user_error
 from dense_ft.masks import capture_mask
 from dense_ft.modeling import check_model_source
-from dense_ft.sparsity import PATTERN_KEY
+from dense_ft.sparsity import PATTERN_KEY, validate_pattern
 
 WORST_LAYERS_SHOWN = 10
 # The decoder layers' linear weights, as prunable_linears names their modules (plus ".weight").
@@ -34,6 +34,8 @@ class SafetensorsModel:
         self.path = source if os.path.isdir(source) else _download(source)
         with open(os.path.join(self.path, "config.json")) as f:
             self.config = json.load(f)
+        if self.config.get(PATTERN_KEY) is not None:
+            validate_pattern(self.config[PATTERN_KEY], source)
         self.files = {}  # tensor name -> file
         if os.path.isfile(os.path.join(self.path, _INDEX)):
             with open(os.path.join(self.path, _INDEX)) as f:

@@ -33,6 +33,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from dense_ft.errors import UserError, exit_on_user_error
 from dense_ft.interrupt import StopOnSignal
 from dense_ft.masks import SparsityMasks
+from dense_ft.model_card import write_model_card
 from dense_ft.modeling import DTYPES, load_model
 from dense_ft.sparse_lora import LLAMA_TARGET_MODULES, SparseLoraTrainer, add_sparse_lora, lora_config
 from dense_ft.sparse_trainer import SparseTrainer, check_sparsity
@@ -260,7 +261,34 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
                   "Run the same command again to resume.", flush=True)
         return INTERRUPTED_EXIT_CODE
     violations = save_and_report(trainer, result.metrics)
+    if trainer.is_world_process_zero():
+        write_finetuned_card(trainer, model_args, data_args, lora_args, violations)
     return 1 if violations else 0
+
+
+def write_finetuned_card(trainer, model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
+                         violations: dict[str, int]) -> None:
+    args = trainer.args
+    data = (data_args.dataset_dir or data_args.train_file
+            or f"{data_args.dataset_name} ({data_args.dataset_config_name})")
+    recipe = {"method": "sparse LoRA (update masked by the pruned blocks, merged)" if lora_args.lora else
+              "sparse full fine-tuning (SparseTrainer)",
+              "learning rate": args.learning_rate, "epochs": args.num_train_epochs, "max steps": args.max_steps,
+              "optimizer steps run": trainer.state.global_step, "tokens per sequence": data_args.block_size,
+              "effective batch": args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps,
+              "optimizer": args.optim.value, "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+              "weights": model_args.torch_dtype}
+    if lora_args.lora:
+        recipe.update({"LoRA rank": lora_args.lora_r, "LoRA alpha": lora_args.lora_alpha,
+                       "LoRA dropout": lora_args.lora_dropout, "LoRA modules": lora_args.lora_target_modules})
+    evaluations = [record for record in trainer.state.log_history if "eval_loss" in record]
+    results = {f"validation perplexity at step {record['step']}": perplexity(record["eval_loss"])
+               for record in evaluations[:1] + evaluations[-1:]}
+    sparsity = {"sparsity of the prunable weights": check_sparsity(trainer.model),
+                "pruned weights that are non-zero": sum(violations.values())}
+    write_model_card(args.output_dir, f"Sparse fine-tuning of {os.path.basename(model_args.model_name_or_path)}",
+                     model_args.model_name_or_path, trainer.model.config, f"Training text: {data}.", recipe, results,
+                     sparsity)
 
 
 def save_and_report(trainer: SparseTrainer | SparseLoraTrainer, train_metrics: dict) -> dict[str, int]:

@@ -13,7 +13,16 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .sparsity import PATTERN_KEY, is_sharded, local_tensor, prunable_linears, sparsity_pattern, sum_over_shards
+from .sparsity import (
+    PATTERN_KEY,
+    block_pattern,
+    is_sharded,
+    local_tensor,
+    prunable_linears,
+    sparsity_pattern,
+    sum_over_shards,
+    validate_pattern,
+)
 
 DEFAULT_BLOCK_SIZE = 16
 
@@ -162,6 +171,8 @@ class SparsityMasks:
     def __init__(self, model: nn.Module, block_size: int | None = None):
         if block_size is None:
             pattern = sparsity_pattern(model.config) if hasattr(model, "config") else None
+            if pattern is not None:
+                validate_pattern(pattern, "the model's config")
             block_size = pattern["block_size"] if pattern else None
         self.block_size = block_size
         self.linears: dict[str, nn.Linear] = prunable_linears(model)
@@ -243,5 +254,4 @@ def prune_random_blocks(model: nn.Module, ratio: float, block_size: int = DEFAUL
         rows, cols = linear.weight.shape
         pruned = torch.rand(rows // block_size, cols // block_size, generator=generator) < ratio
         BlockMask(pruned, block_size).apply_(linear.weight.data)
-    setattr(model.config, PATTERN_KEY, {"method": "random", "structure": "block", "block_size": block_size,
-                                        "sparsity_ratio": ratio})
+    setattr(model.config, PATTERN_KEY, block_pattern(model, "random", block_size, ratio))

@@ -24,6 +24,7 @@ from .evaluation import (
     task_metrics,
     zero_shot,
 )
+from .model_card import write_model_card
 from .modeling import default_device, load_model, save_model
 from .sparsity import check_sparsity
 from .text import joined_text, load_corpus
@@ -125,7 +126,8 @@ def run(args: argparse.Namespace) -> dict:
         started = time.perf_counter()
         windows = calibration_windows(token_ids(tokenizer, " ".join(calib["train"]["text"])),
                                       args.nsamples, seqlen, args.seed)
-        prune_wanda_blocks(model, windows, args.sparsity_ratio, args.block_size, args.device, offload)
+        prune_wanda_blocks(model, windows, args.sparsity_ratio, args.block_size, args.device, offload,
+                           calibration={"dataset": args.calib_dataset, "seed": args.seed})
         results.update(calib_dataset=args.calib_dataset, nsamples=args.nsamples, seed=args.seed, offload=offload,
                        pruning_seconds=round(time.perf_counter() - started, 2))
     results["actual_sparsity"] = check_sparsity(model)
@@ -150,8 +152,24 @@ def run(args: argparse.Namespace) -> dict:
 
     if args.save_model:
         save_model(model, tokenizer, args.save_model)
+        write_pruned_card(args, model, results)
         print(f"Pruned model saved to {args.save_model}")
     return results
+
+
+def write_pruned_card(args: argparse.Namespace, model, results: dict) -> None:
+    pruned = args.sparsity_ratio > 0
+    title = (f"{os.path.basename(args.model.rstrip('/'))}, {args.block_size}x{args.block_size} Wanda blocks, "
+             f"{args.sparsity_ratio:.0%} pruned" if pruned else f"{os.path.basename(args.model.rstrip('/'))}")
+    data = (f"Calibration: {args.nsamples} windows of {results['seqlen']} tokens from {args.calib_dataset} "
+            f"(seed {args.seed}). " if pruned else "") + f"Evaluation: the test split of {args.eval_dataset}."
+    recipe = {"method": "Wanda block pruning" if pruned else "none (evaluated only)",
+              "sparsity ratio": args.sparsity_ratio, "block size": args.block_size, "dtype": args.dtype,
+              "layer offload": results.get("offload", False), "pruning seconds": results.get("pruning_seconds", "-")}
+    scores = {f"perplexity (seqlen {results['seqlen']})": results["perplexity"],
+              **{f"{task} accuracy (zero-shot)": value for task, value in results.get("zero_shot", {}).items()}}
+    write_model_card(args.save_model, title, args.model, model.config, data, recipe, scores,
+                     {"sparsity of the prunable weights": results["actual_sparsity"]})
 
 
 def write_results(results: dict, directory: str) -> None:

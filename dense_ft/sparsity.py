@@ -9,6 +9,8 @@ import re
 import torch
 from torch import nn
 
+from .errors import UserError
+
 _DECODER_LINEAR = re.compile(r"(^|\.)layers\.\d+\.")
 _LORA_PART = re.compile(r"\.lora_[A-Za-z_]+\.")
 
@@ -66,3 +68,32 @@ def check_sparsity(model: nn.Module) -> float:
 def sparsity_pattern(config) -> dict | None:
     """The pruning pattern a model's config records, if any."""
     return getattr(config, PATTERN_KEY, None)
+
+
+# The ``sparsity_pattern`` schema, version 1 (README: "The sparsity_pattern schema").
+PATTERN_VERSION = 1
+_PATTERN_FIELDS = {"version": int, "method": str, "structure": str, "block_size": int, "sparsity_ratio": (int, float),
+                   "modules": list, "calibration": (dict, type(None))}
+
+
+def block_pattern(model: nn.Module, method: str, block_size: int, ratio: float,
+                  calibration: dict | None = None) -> dict:
+    """The pattern to record in the config of a model pruned in ``block_size`` blocks."""
+    modules = sorted({name.split(".", 3)[-1] for name in prunable_linears(model)})  # e.g. "self_attn.q_proj"
+    return {"version": PATTERN_VERSION, "method": method, "structure": "block", "block_size": block_size,
+            "sparsity_ratio": ratio, "modules": modules, "calibration": calibration}
+
+
+def validate_pattern(pattern, source: str) -> None:
+    """Refuse, in one line, a ``sparsity_pattern`` that is not the schema (version 1, or the unversioned first one)."""
+    if not isinstance(pattern, dict) or not isinstance(pattern.get("block_size"), int) or pattern["block_size"] < 1:
+        raise UserError(f"{source}: {PATTERN_KEY} needs a positive integer block_size, got {pattern!r}")
+    if "version" not in pattern:
+        return  # written before the schema was versioned: method, structure, block_size, sparsity_ratio
+    if pattern["version"] != PATTERN_VERSION:
+        raise UserError(f"{source}: {PATTERN_KEY} version {pattern['version']} is not supported "
+                        f"(this version reads {PATTERN_VERSION})")
+    wrong = [name for name, kind in _PATTERN_FIELDS.items() if not isinstance(pattern.get(name), kind)]
+    if wrong or pattern["structure"] != "block" or not 0 <= pattern["sparsity_ratio"] < 1:
+        raise UserError(f"{source}: {PATTERN_KEY} does not follow schema version {PATTERN_VERSION} "
+                        f"(check {', '.join(wrong) or 'structure, sparsity_ratio'})")

@@ -15,7 +15,7 @@ from torch import nn
 from .errors import UserError
 from .layerwise import run_layer, run_layer_by_layer
 from .masks import BlockMask
-from .sparsity import PATTERN_KEY, prunable_linears
+from .sparsity import PATTERN_KEY, block_pattern, prunable_linears
 
 
 class InputNormStats:
@@ -90,14 +90,15 @@ def _calibrate_and_prune(layer: nn.Module, hidden_states: list, kwargs: dict, ra
 
 @torch.no_grad()
 def prune_wanda_blocks(model: nn.Module, windows: torch.Tensor, ratio: float, block_size: int,
-                       device, offload: bool = False, progress: bool = True) -> None:
+                       device, offload: bool = False, progress: bool = True, calibration: dict | None = None) -> None:
     """Zero ``ratio`` of each decoder linear weight in ``block_size`` blocks and record the pattern.
 
     With ``offload`` the model stays on the CPU and each decoder layer comes to ``device`` in turn.
+    ``calibration`` (the data set, the seed) is recorded with the windows' count and length.
     """
     check_block_shapes(model, block_size)
     run_layer_by_layer(model, windows, device, offload, desc="Pruning layers", progress=progress,
                        before_layer=lambda layer, hidden, kwargs: _calibrate_and_prune(layer, hidden, kwargs,
                                                                                        ratio, block_size))
-    setattr(model.config, PATTERN_KEY,
-            {"method": "wanda", "structure": "block", "block_size": block_size, "sparsity_ratio": ratio})
+    calibration = {"nsamples": windows.shape[0], "seqlen": windows.shape[1], **(calibration or {})}
+    setattr(model.config, PATTERN_KEY, block_pattern(model, "wanda", block_size, ratio, calibration))

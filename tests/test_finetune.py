@@ -151,6 +151,12 @@ def test_finetune_the_pruned_embedded_default(tmp_path, embedded_pruned, embedde
     assert after < before
     check = check_sparsity_cli(output, "--reference", pruned)
     assert check.returncode == 0 and "non-zero: 0" in check.stdout
+    card = (output / "README.md").read_text()
+    for line in (f"base_model: {pruned}", "| method | sparse full fine-tuning (SparseTrainer) |",
+                 "| optimizer steps run | 4 |", "| effective batch | 4 |", f"| validation perplexity at step 0 | "
+                 f"{before:.4g} |", f"| validation perplexity at step 4 | {after:.4g} |",
+                 "| pruned weights that are non-zero | 0 |", "| calibration nsamples | 8 |"):
+        assert line in card, line
 
 
 def test_a_lora_run_resumes_exactly_and_saves_adapter_and_sparse_merged_model(tmp_path, tiny_pruned_dir,
@@ -169,6 +175,8 @@ def test_a_lora_run_resumes_exactly_and_saves_adapter_and_sparse_merged_model(tm
     assert json.loads((output / "config.json").read_text())["sparsity_pattern"]["block_size"] == 16
     check = check_sparsity_cli(output, "--reference", tiny_pruned_dir)
     assert check.returncode == 0 and "non-zero: 0" in check.stdout
+    card = (output / "README.md").read_text()
+    assert "| LoRA rank | 4 |" in card and "| pruned weights that are non-zero | 0 |" in card
 
     shutil.rmtree(output / "checkpoint-4")  # as if the run had stopped after step 2
     rerun = run_python(*args)

@@ -46,5 +46,14 @@ def test_prune_the_embedded_default_end_to_end(tmp_path, embedded_model_dir, emb
     assert f"{masks.num_pruned / weights:.4f}" in ("0.1999", "0.2000")  # floor(0.2 * blocks) per matrix
     assert check_sparsity(model) == pytest.approx(results["actual_sparsity"])
     assert 0.2 < check_sparsity(model) < 0.2005  # plus the stray zeros of the dequantized weights
-    assert getattr(model.config, PATTERN_KEY) == {"method": "wanda", "structure": "block", "block_size": 16,
-                                                  "sparsity_ratio": 0.2}
+    assert getattr(model.config, PATTERN_KEY) == {
+        "version": 1, "method": "wanda", "structure": "block", "block_size": 16, "sparsity_ratio": 0.2,
+        "modules": ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj",
+                    "self_attn.q_proj", "self_attn.v_proj"],
+        "calibration": {"nsamples": 8, "seqlen": 256, "dataset": str(embedded_corpus_dir), "seed": 0}}
+    card = (embedded_pruned / "pruned_model" / "README.md").read_text()
+    for line in (f"base_model: {embedded_model_dir}", "- wanda-pruning", "| block_size | 16 |",
+                 "| calibration nsamples | 8 |", f"| calibration dataset | {embedded_corpus_dir} |",
+                 f"| perplexity (seqlen 256) | {results['perplexity']:.4g} |",
+                 f"| sparsity of the prunable weights | {results['actual_sparsity']:.4g} |"):
+        assert line in card, line

@@ -1,10 +1,12 @@
+import re
+
 import pytest
 import torch
-from conftest import BLOCK, tiny_llama, zero_random_blocks
+from conftest import BLOCK, run_python, tiny_llama, zero_random_blocks
 
 from dense_ft.errors import UserError
 from dense_ft.masks import BlockMask, ElementMask, SparsityMasks, capture_mask
-from dense_ft.sparsity import check_sparsity, layer_sparsity, prunable_linears
+from dense_ft.sparsity import check_sparsity, layer_sparsity, prunable_linears, validate_pattern
 
 
 def block_pruned_weight(rows=64, cols=96, ratio=0.25, seed=0):
@@ -87,3 +89,21 @@ def test_row_shards_of_a_block_mask():
     shard = weight[8:40].clone() + 1.0
     misaligned.apply_(shard)
     assert misaligned.count_nonzero(shard) == 0 and shard[~misaligned.dense()].ne(0).all()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"version": 2}, "version 2 is not supported"),
+    ({"block_size": "16"}, "needs a positive integer block_size"),
+    ({"sparsity_ratio": 1.5}, "does not follow schema version 1"),
+    ({"modules": "q_proj"}, "check modules"),
+])
+def test_a_pattern_off_the_schema_is_refused_in_one_line(change, message, tmp_path):
+    model = tiny_llama()
+    zero_random_blocks(model)
+    assert validate_pattern(model.config.sparsity_pattern, "x") is None
+    model.config.sparsity_pattern.update(change)
+    with pytest.raises(UserError, match=re.escape(message)):
+        SparsityMasks(model)
+    model.save_pretrained(tmp_path)
+    result = run_python("-m", "dense_ft.check_sparsity", tmp_path, timeout=120)
+    assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1]
