@@ -132,10 +132,15 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     with exit_on_user_error():
         result = report(args)
-    if args.json:
+    exit_with_report(result, args.json, print_report)
+
+
+def exit_with_report(result: dict, as_json: bool, print_text) -> None:
+    """Print a report (as JSON or as text) and exit 1 if it counted any non-zero pruned weight."""
+    if as_json:
         print(json.dumps(result, indent=2))
     else:
-        print_report(result)
+        print_text(result)
     sys.exit(1 if result.get("violations") else 0)
 
 

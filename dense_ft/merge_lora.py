@@ -10,12 +10,11 @@ pruned weight of it is non-zero.
 """
 
 import argparse
-import json
-import sys
 
 import torch
 from peft.tuners.lora import Linear as LoraLinear
 
+from dense_ft.check_sparsity import exit_with_report
 from dense_ft.errors import UserError, exit_on_user_error
 from dense_ft.masks import SparsityMasks
 from dense_ft.modeling import DTYPES, load_model, save_model
@@ -76,11 +75,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     with exit_on_user_error():
         report = merge(args)
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print_report(report)
-    sys.exit(1 if report["violations"] else 0)
+    exit_with_report(report, args.json, print_report)
 
 
 if __name__ == "__main__":
