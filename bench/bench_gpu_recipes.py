@@ -27,13 +27,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 import torch
 from step_timer import StepTimer, median_seconds
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
 
 GUIDE_JOB_TOKENS = 8.5e6
 CONFIGS = {

@@ -7,7 +7,7 @@ one after the other on the same machine; then ``main_block.py`` measures the per
 the demo's protocol (seqlen 256, 16 windows). Wall time and peak RSS come from
 ``/usr/bin/time``; every run is one JSON line.
 
-    .venv/bin/python bench/bench_lora_recovery.py [--methods full,lora:1e-4,lora:1e-3]
+    PYTHONPATH=scripts .venv/bin/python bench/bench_lora_recovery.py [--methods full,lora:1e-4,lora:1e-3]
 """
 
 import argparse
@@ -18,10 +18,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
+from prepare_embedded import corpus_dir, model_dir
 
-from prepare_embedded import corpus_dir, model_dir  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 DEMO_BUDGET = ["--block_size", "256", "--max_train_samples", "320", "--num_train_epochs", "1",
                "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "4"]

@@ -1,26 +1,20 @@
 """Pruning speed: Wanda 16x16 block selection vectorized vs a per-block Python loop, and the
 whole pruning of the embedded default (SmolLM2-135M) at 20%.
 
-    .venv/bin/python bench/bench_pruning.py [--nsamples 16 --seqlen 256]
+    PYTHONPATH=scripts .venv/bin/python bench/bench_pruning.py [--nsamples 16 --seqlen 256]
 """
 
 import argparse
 import json
 import math
-import sys
 import time
-from pathlib import Path
 
 import torch
+from prepare_embedded import corpus_dir, model_dir
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "scripts")]
-
-from prepare_embedded import corpus_dir, model_dir  # noqa: E402
-
-from dense_ft.modeling import load_model  # noqa: E402
-from dense_ft.text import load_corpus  # noqa: E402
-from dense_ft.wanda import block_scores, calibration_windows, lowest_blocks, prune_wanda_blocks  # noqa: E402
+from dense_ft.modeling import load_model
+from dense_ft.text import load_corpus
+from dense_ft.wanda import block_scores, calibration_windows, lowest_blocks, prune_wanda_blocks
 
 BLOCK = 16
 # (rows, cols) of q, k, v, o, gate, up, down in one SmolLM2-135M layer, and one Llama-2-7B q_proj.

@@ -8,28 +8,29 @@ values do not matter here), rank 8 on q, k, v, o, gate, up, down:
 - time: forward + backward + AdamW step, the two kinds alternated A B B A, median of ``--steps``
   per run after one warm-up step.
 
-    .venv/bin/python bench/bench_sparse_lora.py [--batch 2 --seqlen 256 --steps 5]
+With ``--pruned DIR --adapter DIR`` (a pruned model and a LoRA adapter trained on it, e.g. by
+``bench_lora_recovery.py``) it reports the merge instead: the largest logit difference between
+the merged model and the unmerged masked adapter on 256 tokens of the embedded test text, and
+the pruned weights made non-zero by the sparse merge and by PEFT's plain merge of the same adapter.
+
+    PYTHONPATH=scripts .venv/bin/python bench/bench_sparse_lora.py [--batch 2 --seqlen 256 --steps 5]
+    PYTHONPATH=scripts .venv/bin/python bench/bench_sparse_lora.py --pruned PRUNED_DIR --adapter ADAPTER_DIR
 """
 
 import argparse
 import copy
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from peft import get_peft_model
+from prepare_embedded import corpus_dir, model_dir
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "scripts")]
-
-from prepare_embedded import model_dir  # noqa: E402
-
-from dense_ft.masks import prune_random_blocks  # noqa: E402
-from dense_ft.modeling import load_weights  # noqa: E402
-from dense_ft.sparse_lora import LLAMA_TARGET_MODULES, add_sparse_lora, lora_config  # noqa: E402
+from dense_ft.masks import SparsityMasks, prune_random_blocks
+from dense_ft.modeling import load_weights
+from dense_ft.sparse_lora import LLAMA_TARGET_MODULES, add_sparse_lora, load_sparse_lora, lora_config
 
 
 def with_lora(base, kind: str):
@@ -67,12 +68,34 @@ def step_seconds(model, ids, steps: int) -> float:
     return statistics.median(durations[1:])
 
 
+@torch.no_grad()
+def merge_figures(pruned: str, adapter: str) -> dict:
+    from peft import PeftModel
+
+    text = (corpus_dir() / "wiki.test.raw").read_text(encoding="utf-8")[:20_000]
+    ids = AutoTokenizer.from_pretrained(pruned)(text, return_tensors="pt").input_ids[:, :256]
+    masks = SparsityMasks(AutoModelForCausalLM.from_pretrained(pruned))
+    sparse = load_sparse_lora(AutoModelForCausalLM.from_pretrained(pruned), adapter).eval()
+    unmerged = sparse(input_ids=ids).logits
+    merged = sparse.merge_and_unload()
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(pruned), adapter).merge_and_unload()
+    return {"max_abs_logit_difference_merged_vs_unmerged": (merged(input_ids=ids).logits - unmerged).abs().max().item(),
+            "pruned_weights": masks.num_pruned,
+            "nonzero_pruned_after_sparse_merge": sum(masks.violations(merged).values()),
+            "nonzero_pruned_after_plain_peft_merge": sum(masks.violations(plain).values())}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--pruned", help="a pruned model directory (with --adapter: the merge figures)")
+    parser.add_argument("--adapter", help="a LoRA adapter trained on --pruned")
     args = parser.parse_args()
+    if args.pruned:
+        print(json.dumps(merge_figures(args.pruned, args.adapter)))
+        return
     base = load_weights(str(model_dir()))
     prune_random_blocks(base, 0.2)
     generator = torch.Generator().manual_seed(0)

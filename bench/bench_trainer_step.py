@@ -5,30 +5,24 @@ On the embedded default (SmolLM2-135M, float32, CPU) with 20% of its 16x16 block
 as warm-up. ``--batch 2 --accumulation 4`` is the demo's 2,048 tokens per optimizer step;
 ``--batch 1 --accumulation 1`` is the worst case for masking (it runs once per step).
 
-    .venv/bin/python bench/bench_trainer_step.py [--rounds 3 --steps 4 --batch 2 --accumulation 4]
+    PYTHONPATH=scripts .venv/bin/python bench/bench_trainer_step.py [--rounds 3 --steps 4 --batch 2 --accumulation 4]
 """
 
 import argparse
 import copy
 import json
 import statistics
-import sys
 import tempfile
-from pathlib import Path
 
 import torch
 from datasets import Dataset
+from prepare_embedded import corpus_dir, model_dir
+from step_timer import StepTimer, median_seconds
 from transformers import Trainer, TrainingArguments
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "scripts")]
-
-from prepare_embedded import corpus_dir, model_dir  # noqa: E402
-from step_timer import StepTimer, median_seconds  # noqa: E402
-
-from dense_ft.masks import SparsityMasks, prune_random_blocks  # noqa: E402
-from dense_ft.modeling import load_model  # noqa: E402
-from dense_ft.sparse_trainer import SparseTrainer  # noqa: E402
+from dense_ft.masks import SparsityMasks, prune_random_blocks
+from dense_ft.modeling import load_model
+from dense_ft.sparse_trainer import SparseTrainer
 
 SEQLEN = 256
 

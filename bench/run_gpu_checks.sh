@@ -12,6 +12,8 @@ shift || true
 recipes_args=("$@")
 (( ${#recipes_args[@]} )) || recipes_args=(--recipes "bf16,bf16-unmasked,bf16-unmasked,bf16,lora-sparse,lora-plain,lora-plain,lora-sparse")
 python=${PYTHON:-python}
+# The package and scripts/ from this checkout, whether or not the device's Python has it installed.
+export PYTHONPATH="$PWD:$PWD/scripts${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$log_dir"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
