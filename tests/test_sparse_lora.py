@@ -143,3 +143,18 @@ def test_embedded_default_merge_equals_the_adapter_model_and_a_plain_merge_is_no
     assert difference < 1e-4
     assert masks.violations(merged) == {}
     assert sum(masks.violations(plain.merge_and_unload()).values()) == masks.num_pruned
+
+
+def test_bf16_training_and_merge_compute_the_same_function(tmp_path):
+    base, pruned = pruned_model()
+    model = add_sparse_lora(base.to(torch.bfloat16), config(init_lora_weights=True))
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)  # PEFT keeps adapters fp32
+    Trainer(model=model, args=training_args(tmp_path, bf16=True, learning_rate=1e-2),
+            train_dataset=token_dataset()).train()
+    model.eval()
+    with torch.no_grad():
+        unmerged = model(input_ids=INPUT).logits
+        merged = model.merge_and_unload()
+        assert torch.equal(merged(input_ids=INPUT).logits, unmerged)  # the same bf16 weights, rounded once
+    for name, linear in prunable_linears(merged).items():
+        assert linear.weight.dtype == torch.bfloat16 and linear.weight[pruned[name]].eq(0).all(), name
