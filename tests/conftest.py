@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny Llama models built here, and the embedded default prepared by `make test`."""
+"""Shared fixtures: a tiny pruned Llama saved with the embedded tokenizer, and the embedded default prepared by
+`make test`."""
 
 import os
 import subprocess
@@ -6,36 +7,15 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import prepare_embedded  # scripts/, on pytest's pythonpath
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-from dense_ft.masks import prune_random_blocks
-from dense_ft.sparsity import prunable_linears
+from tiny_models import tiny_llama, zero_random_blocks
+from transformers import AutoTokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-BLOCK = 16
-
-
-def tiny_llama(seed: int = 0, vocab_size: int = 256, layers: int = 2) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=False)
-    return LlamaForCausalLM(config)
-
-
-def zero_random_blocks(model, ratio: float = 0.2, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Zero a random ``ratio`` of the 16x16 blocks of every prunable weight; the pruned positions by layer."""
-    prune_random_blocks(model, ratio, BLOCK, seed)
-    # Randomly initialized weights hold no exact zero, so the zeros are exactly the pruned positions:
-    # an oracle that does not go through the mask code under test.
-    return {name: linear.weight.detach() == 0 for name, linear in prunable_linears(model).items()}
 
 
 def run_python(*args, timeout=600, **kwargs) -> subprocess.CompletedProcess:

@@ -3,8 +3,8 @@
 import sys
 
 import torch
-from conftest import tiny_llama, zero_random_blocks
 from datasets import Dataset
+from tiny_models import tiny_llama, zero_random_blocks
 from transformers import TrainingArguments
 
 from dense_ft.sparse_trainer import SparseTrainer

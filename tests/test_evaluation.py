@@ -2,7 +2,8 @@ import json
 import math
 
 import torch
-from conftest import run_python, tiny_llama
+from conftest import run_python
+from tiny_models import tiny_llama
 
 from dense_ft.evaluation import perplexity
 

@@ -12,7 +12,8 @@ import time
 
 import pytest
 import torch
-from conftest import REPO_ROOT, run_python, tiny_llama
+from conftest import REPO_ROOT, run_python
+from tiny_models import tiny_llama
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from dense_ft.sparsity import prunable_linears

@@ -73,7 +73,7 @@ def test_the_trainers_fsdp2_path_saves_shards_resumes_and_writes_a_normal_model(
 
 
 def test_layer_offload_on_the_gpu_prunes_the_same_blocks_and_leaves_the_weights_on_the_cpu():
-    from conftest import tiny_llama
+    from tiny_models import tiny_llama
 
     from dense_ft.evaluation import perplexity
     from dense_ft.masks import SparsityMasks

@@ -5,7 +5,8 @@ import math
 
 import pytest
 import torch
-from conftest import run_python, tiny_llama
+from conftest import run_python
+from tiny_models import tiny_llama
 from transformers import AutoModelForCausalLM
 
 from dense_ft.evaluation import perplexity

@@ -2,7 +2,8 @@ import re
 
 import pytest
 import torch
-from conftest import BLOCK, run_python, tiny_llama, zero_random_blocks
+from conftest import run_python
+from tiny_models import BLOCK, tiny_llama, zero_random_blocks
 
 from dense_ft.errors import UserError
 from dense_ft.masks import BlockMask, ElementMask, SparsityMasks, capture_mask

@@ -1,9 +1,9 @@
 """SparseTrainingMixin keeps the pruned pattern in any Trainer subclass: TRL's SFTTrainer, a user's own."""
 
 import torch
-from conftest import tiny_llama, zero_random_blocks
 from datasets import Dataset
 from test_sparse_trainer import assert_pruned_weights_zero, token_dataset, training_args
+from tiny_models import tiny_llama, zero_random_blocks
 from transformers import AutoModelForCausalLM, Trainer
 from trl import SFTConfig, SFTTrainer
 

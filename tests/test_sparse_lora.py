@@ -5,9 +5,10 @@ import json
 
 import pytest
 import torch
-from conftest import run_python, tiny_llama, zero_random_blocks
+from conftest import run_python
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from test_sparse_trainer import token_dataset, training_args
+from tiny_models import tiny_llama, zero_random_blocks
 from torch.nn import functional as F
 from transformers import AutoModelForCausalLM, Trainer
 

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import tiny_llama, zero_random_blocks
 from datasets import Dataset
+from tiny_models import tiny_llama, zero_random_blocks
 from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
 
 from dense_ft.errors import UserError

@@ -1,7 +1,7 @@
 import math
 
 import torch
-from conftest import BLOCK, tiny_llama
+from tiny_models import BLOCK, tiny_llama
 from torch import nn
 
 from dense_ft.sparsity import PATTERN_KEY, prunable_linears
