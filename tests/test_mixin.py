@@ -41,7 +41,7 @@ def test_the_mixin_on_a_custom_trainer_subclass(tmp_path):
     assert SparsityMasks(model).violations(unmasked)
 
 
-def chat_dataset(corpus_dir, rows=16) -> Dataset:
+def chat_dataset(corpus_dir, rows=4) -> Dataset:
     lines = [line.strip() for line in (corpus_dir / "wiki.train.raw").read_text(encoding="utf-8").splitlines()
              if len(line.split()) > 30][:rows]
     return Dataset.from_list([{"messages": [
@@ -58,14 +58,14 @@ def test_trl_sft_trainer_keeps_the_embedded_defaults_pruned_blocks(tmp_path, emb
     pruned_dir = embedded_pruned / "pruned_model"
     model = AutoModelForCausalLM.from_pretrained(pruned_dir)
     before = {name: m.weight.detach().clone() for name, m in prunable_linears(model).items()}
-    config = SFTConfig(str(tmp_path), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-4,
-                           max_length=128, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
+    config = SFTConfig(str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-4,
+                           max_length=64, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
                            disable_tqdm=True, seed=0)
     trainer = SparseSFTTrainer(model=model, args=config, train_dataset=chat_dataset(embedded_corpus_dir),
                                processing_class=tokenizer)
     assert len(trainer.masks) == 210
     trainer.train()
-    assert trainer.state.global_step == 3
+    assert trainer.state.global_step == 2
     reference = SparsityMasks(AutoModelForCausalLM.from_pretrained(pruned_dir))
     assert reference.violations(model) == {}
     assert sum(not torch.equal(before[name], m.weight) for name, m in prunable_linears(model).items()) == 210
