@@ -42,8 +42,7 @@ class SafetensorsModel:
                 self.files = {name: os.path.join(self.path, file) for name, file in json.load(f)["weight_map"].items()}
         elif os.path.isfile(os.path.join(self.path, "model.safetensors")):
             file = os.path.join(self.path, "model.safetensors")
-            with safe_open(file, "pt") as f:
-                self.files = dict.fromkeys(f.keys(), file)
+            self.files = dict.fromkeys(_read(file, lambda f: f.keys()), file)
         else:
             raise UserError(f"{source} has no safetensors weights (model.safetensors or {_INDEX})")
 
@@ -58,15 +57,19 @@ class SafetensorsModel:
         return sorted(names, key=lambda name: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)])
 
     def shape(self, name: str) -> list[int]:
-        with safe_open(self.files[name], "pt") as f:
-            return f.get_slice(name).get_shape()
+        return _read(self.files[name], lambda f: f.get_slice(name).get_shape())
 
     def tensor(self, name: str):
-        try:
-            with safe_open(self.files[name], "pt") as f:
-                return f.get_tensor(name)
-        except Exception as error:  # a truncated or corrupted file: one line, naming it
-            raise UserError(f"cannot read {name} from {self.files[name]}: {str(error).splitlines()[0]}") from error
+        return _read(self.files[name], lambda f: f.get_tensor(name))
+
+
+def _read(file: str, what):
+    """``what(opened file)``; a truncated or corrupted file is one line naming it, not a traceback."""
+    try:
+        with safe_open(file, "pt") as f:
+            return what(f)
+    except Exception as error:
+        raise UserError(f"cannot read {file}: {str(error).splitlines()[0]}") from error
 
 
 def _download(repo_id: str) -> str:

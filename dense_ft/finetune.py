@@ -260,14 +260,14 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
             print(f"Training interrupted at step {trainer.state.global_step}: checkpoint saved to {checkpoint}. "
                   "Run the same command again to resume.", flush=True)
         return INTERRUPTED_EXIT_CODE
-    violations = save_and_report(trainer, result.metrics)
+    violations, final_sparsity = save_and_report(trainer, result.metrics)
     if trainer.is_world_process_zero():
-        write_finetuned_card(trainer, model_args, data_args, lora_args, violations)
+        write_finetuned_card(trainer, model_args, data_args, lora_args, violations, final_sparsity)
     return 1 if violations else 0
 
 
 def write_finetuned_card(trainer, model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
-                         violations: dict[str, int]) -> None:
+                         violations: dict[str, int], final_sparsity: float) -> None:
     args = trainer.args
     data = (data_args.dataset_dir or data_args.train_file
             or f"{data_args.dataset_name} ({data_args.dataset_config_name})")
@@ -284,15 +284,15 @@ def write_finetuned_card(trainer, model_args: ModelArguments, data_args: DataArg
     evaluations = [record for record in trainer.state.log_history if "eval_loss" in record]
     results = {f"validation perplexity at step {record['step']}": perplexity(record["eval_loss"])
                for record in evaluations[:1] + evaluations[-1:]}
-    sparsity = {"sparsity of the prunable weights": check_sparsity(trainer.model),
+    sparsity = {"sparsity of the prunable weights": final_sparsity,
                 "pruned weights that are non-zero": sum(violations.values())}
     write_model_card(args.output_dir, f"Sparse fine-tuning of {os.path.basename(model_args.model_name_or_path)}",
                      model_args.model_name_or_path, trainer.model.config, f"Training text: {data}.", recipe, results,
                      sparsity)
 
 
-def save_and_report(trainer: SparseTrainer | SparseLoraTrainer, train_metrics: dict) -> dict[str, int]:
-    """Save the model, state and metrics; print the final sparsity and evaluation; the violations."""
+def save_and_report(trainer: SparseTrainer | SparseLoraTrainer, train_metrics: dict) -> tuple[dict[str, int], float]:
+    """Save the model, state and metrics; print the final sparsity and evaluation; the violations and sparsity."""
     if trainer.is_fsdp_enabled:  # the final save is a normal HF directory, whatever the checkpoints are
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     if isinstance(trainer, SparseLoraTrainer):
@@ -316,7 +316,7 @@ def save_and_report(trainer: SparseTrainer | SparseLoraTrainer, train_metrics: d
         trainer.save_metrics("eval", metrics, combined=False)
     if trainer.is_world_process_zero():
         print(f"Model saved to {trainer.args.output_dir}")
-    return violations
+    return violations, final_sparsity
 
 
 def main(argv=None) -> None:

@@ -220,3 +220,11 @@ def test_check_sparsity_streams_sharded_checkpoints(tmp_path, tiny_pruned_dir):
     mismatch = check_sparsity_cli(tmp_path / "other", "--reference", tiny_pruned_dir)
     assert mismatch.returncode == 2 and "Traceback" not in mismatch.stderr
     assert mismatch.stderr.strip().splitlines()[-1].startswith("error: model.layers.0.mlp.down_proj is (64, 256)")
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_pruned_dir, truncated)
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+    broken = check_sparsity_cli(truncated, "--reference", tiny_pruned_dir)
+    assert broken.returncode == 2 and "Traceback" not in broken.stderr
+    assert broken.stderr.strip().splitlines()[-1].startswith(f"error: cannot read {truncated / 'model.safetensors'}")
