@@ -120,7 +120,11 @@ die() {  # a one-line error, exit status 2 (bad input)
 }
 
 is_positive_int() { [[ $1 =~ ^[1-9][0-9]*$ ]]; }
-is_positive_number() { [[ $1 =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]] && [[ ! $1 =~ ^[0.]+([eE].*)?$ ]]; }
+# A positive decimal number that is finite as a double (1e400 is not).
+is_positive_number() {
+    [[ $1 =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]] && [[ ! $1 =~ ^[0.]+([eE].*)?$ ]] \
+        && awk -v x="$1" 'BEGIN { x += 0; exit !(x > 0 && x <= 1.7976931348623157e308) }'
+}
 
 parse_args() {
     while [[ $# -gt 0 ]]; do
@@ -178,7 +182,7 @@ validate_settings() {
         is_positive_int "${!name}" || die "$name must be a positive integer, got '${!name}'"
     done
     for name in NUM_EPOCHS LEARNING_RATE MIN_GPU_MEMORY_GB; do
-        is_positive_number "${!name}" || die "$name must be a positive number, got '${!name}'"
+        is_positive_number "${!name}" || die "$name must be a positive finite number, got '${!name}'"
     done
     [[ -z $DATASET_DIR || -d $DATASET_DIR ]] || die "DATASET_DIR not found: $DATASET_DIR"
 }
@@ -412,6 +416,27 @@ EOF
     fi
 }
 
+# Runs the training in its own process group and passes SIGINT and SIGTERM on to it (a scheduler
+# signals this script's PID only; a terminal's Ctrl+C reaches the script, and through it the
+# training, once), then waits for it to save its checkpoint and exit. Sets STATUS; a run stopped
+# by a signal ends with 130 whatever torchrun itself returns.
+run_training() {
+    local forwarded=0
+    set -m
+    "${COMMAND[@]}" &
+    CHILD_PID=$!
+    set +m
+    trap 'forwarded=1; kill -INT "$CHILD_PID" 2> /dev/null || true' INT
+    trap 'forwarded=1; kill -TERM "$CHILD_PID" 2> /dev/null || true' TERM
+    while :; do
+        STATUS=0
+        wait "$CHILD_PID" || STATUS=$?
+        kill -0 "$CHILD_PID" 2> /dev/null || break
+    done
+    trap - INT TERM
+    (( ! forwarded || STATUS == 0 )) || STATUS=130
+}
+
 main() {
     ORIGINAL_ARGS=("$@")
     parse_args "$@"
@@ -449,10 +474,9 @@ main() {
     fi
     "$PYTHON" -c "import dense_ft" 2> /dev/null \
         || die "the dense_ft package is not installed for $PYTHON: pip install -e $(printf '%q' "$SCRIPT_DIR")"
-    local status=0
-    "${COMMAND[@]}" || status=$?
-    print_outcome "$status"
-    exit "$status"
+    run_training
+    print_outcome "$STATUS"
+    exit "$STATUS"
 }
 
 main "$@"

@@ -16,7 +16,7 @@ import sys
 from safetensors import safe_open
 
 from dense_ft.errors import UserError, exit_on_user_error
-from dense_ft.masks import capture_mask
+from dense_ft.masks import ElementMask, capture_mask, is_unstructured_pruning
 from dense_ft.modeling import check_model_source
 from dense_ft.sparsity import PATTERN_KEY, validate_pattern
 
@@ -91,7 +91,8 @@ def report(args) -> dict:
     reference = SafetensorsModel(args.reference) if args.reference else None
     if reference is not None and reference.prunable_weights() != names:
         raise UserError(f"{args.model_dir} and the reference {args.reference} do not have the same prunable layers")
-    zeros, sizes, violations = {}, {}, {}
+    zeros, sizes, block_violations, scattered_violations = {}, {}, {}, {}
+    scattered_zeros = 0
     for name in names:
         weight = model.tensor(name)
         zeros[name], sizes[name] = int((weight == 0).sum()), weight.numel()
@@ -101,9 +102,18 @@ def report(args) -> dict:
                 raise UserError(f"{_layer(name)} is {tuple(weight.shape)} in {args.model_dir} but "
                                 f"{tuple(pruned.shape)} in the reference")
             mask = capture_mask(pruned, reference.block_size)
-            if mask is not None and (count := mask.count_nonzero(weight)):
-                violations[_layer(name)] = count
+            if isinstance(mask, ElementMask):
+                scattered_zeros += mask.num_pruned
+                scattered_violations[_layer(name)] = mask.count_nonzero(weight)
+            elif mask is not None:
+                block_violations[_layer(name)] = mask.count_nonzero(weight)
     total = sum(sizes.values())
+    if reference is not None and not is_unstructured_pruning(scattered_zeros, total):
+        scattered_violations = {}  # a dense reference's stray zeros, as SparsityMasks judges them
+    if reference is not None and not block_violations and not scattered_violations:
+        raise UserError(f"the reference {args.reference} is not pruned (no pruned blocks and no sparsity_pattern): "
+                        "there is nothing to check against; give the pruned model the run started from")
+    violations = {name: count for name, count in {**block_violations, **scattered_violations}.items() if count}
     result = {"model": args.model_dir, "sparsity": sum(zeros.values()) / total if total else 0.0,
               "zeros": sum(zeros.values()), "weights": total}
     if args.per_layer:

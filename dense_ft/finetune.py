@@ -9,17 +9,22 @@ train (``dense_ft.sparse_lora``): their update is masked by the pruned blocks, c
 the adapter (PEFT format), and the output directory gets the merged model (still sparse) with
 the final adapter in ``adapter/``. Every ``transformers.TrainingArguments`` flag works.
 
-A rerun with the same ``--output_dir`` resumes from its last checkpoint
-(``--overwrite_output_dir`` starts over); Ctrl+C or SIGTERM saves a checkpoint at the end of
-the current step and exits with status 130.
+A rerun with the same ``--output_dir`` resumes from its newest complete checkpoint, when that
+checkpoint belongs to the same run (``--overwrite_output_dir`` starts over); Ctrl+C or SIGTERM
+saves a checkpoint at the end of the current step and exits with status 130. One run at a
+time writes to an output directory. A non-finite loss stops the run with status 2 and saves
+nothing as final.
 """
 
 import math
 import os
+import signal
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import chain
 
+from safetensors import SafetensorError
 from transformers import (
     HfArgumentParser,
     Trainer,
@@ -28,15 +33,26 @@ from transformers import (
     default_data_collator,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
 
+from dense_ft.checkpoints import (
+    check_belongs_to_run,
+    check_free_space,
+    checkpoint_bytes,
+    is_complete,
+    latest_complete_checkpoint,
+    out_of_space,
+    weights_fingerprint,
+)
 from dense_ft.errors import UserError, exit_on_user_error
 from dense_ft.interrupt import StopOnSignal
-from dense_ft.masks import SparsityMasks
+from dense_ft.masks import DEFAULT_BLOCK_SIZE, BlockMask, SparsityMasks
 from dense_ft.model_card import write_model_card
 from dense_ft.modeling import DTYPES, load_model
+from dense_ft.output_dir import locked_output_dir
 from dense_ft.sparse_lora import LLAMA_TARGET_MODULES, SparseLoraTrainer, add_sparse_lora, lora_config
 from dense_ft.sparse_trainer import SparseTrainer, check_sparsity
+from dense_ft.sparsity import PATTERN_KEY
 from dense_ft.text import load_corpus, load_text_files, load_wikitext_dir
 
 INTERRUPTED_EXIT_CODE = 130
@@ -59,6 +75,13 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Cap on training sequences."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on evaluation sequences."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Tokenization processes."})
+
+    def validate(self) -> None:
+        if self.block_size < 1:
+            raise UserError(f"--block_size must be a positive number of tokens, got {self.block_size}")
+        for flag in ("max_train_samples", "max_eval_samples"):
+            if getattr(self, flag) is not None and getattr(self, flag) < 1:
+                raise UserError(f"--{flag} must be 1 or more, got {getattr(self, flag)}")
 
 
 @dataclass
@@ -89,6 +112,20 @@ class SparseTrainingArguments(TrainingArguments):
     effective_batch_size: int | None = field(default=None, metadata={
         "help": "Sequences per optimizer step over all processes: sets --gradient_accumulation_steps to it / "
                 "(per-device batch x world size), for whatever launcher started the run."})
+    nonfinite_patience: int = field(default=0, metadata={
+        "help": "Optimizer steps in a row with a non-finite loss or gradient norm to skip before the run stops "
+                "(0: stop at the first)."})
+
+    def validate(self) -> None:
+        if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
+            raise UserError(f"--learning_rate must be a positive finite number, got {self.learning_rate}")
+        checkpoint = self.resume_from_checkpoint
+        if checkpoint and not os.path.isdir(checkpoint):
+            raise UserError(f"--resume_from_checkpoint {checkpoint} not found")
+        # A checkpoint saved by another trainer has no marker; its trainer state is written last.
+        if checkpoint and not (is_complete(checkpoint) or os.path.isfile(os.path.join(checkpoint, TRAINER_STATE_NAME))):
+            raise UserError(f"--resume_from_checkpoint {checkpoint} is an incomplete checkpoint (its save was cut "
+                            "short): give an earlier one")
 
     def apply_effective_batch_size(self) -> None:
         """Derive the accumulation from the world size, or refuse a world size that cannot reach the batch."""
@@ -161,24 +198,58 @@ def prepare_datasets(raw, tokenizer, data_args: DataArguments, training_args):
 
 
 def checkpoint_to_resume(training_args: SparseTrainingArguments) -> str | None:
-    """The checkpoint to resume from; refuses to overwrite a finished model unless asked."""
+    """The newest complete checkpoint in the output directory; refuses to overwrite a finished model unless asked.
+
+    Incomplete checkpoints (a save cut short) are moved aside, by the main process, and named.
+    """
     if training_args.resume_from_checkpoint or training_args.overwrite_output_dir:
         return training_args.resume_from_checkpoint
     output_dir = training_args.output_dir
     if not os.path.isdir(output_dir):
         return None
-    last = get_last_checkpoint(output_dir)
+    main_process = training_args.process_index == 0
+    last, incomplete = latest_complete_checkpoint(output_dir, move_incomplete=main_process)
+    if incomplete and main_process:
+        print(f"Skipping {len(incomplete)} incomplete checkpoint(s), moved aside as incomplete-*: "
+              f"{', '.join(os.path.basename(path) for path in incomplete)}", flush=True)
     if last is None and any(name.endswith(".safetensors") for name in os.listdir(output_dir)):
         raise UserError(f"{output_dir} already holds a trained model and no checkpoint to resume; "
                         "pass --overwrite_output_dir to train again")
     return last
 
 
+def run_identity(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
+                 training_args: SparseTrainingArguments, model) -> dict:
+    """What defines a run: a checkpoint resumes only into a run with the same values.
+
+    The run's length (epochs, max steps) is not part of it: a resume may extend a run, as with the Trainer.
+    """
+    args = training_args
+    lora = {"r": lora_args.lora_r, "alpha": lora_args.lora_alpha, "dropout": lora_args.lora_dropout,
+            "target_modules": sorted(lora_args.lora_target_modules)} if lora_args.lora else None
+    return {"model": _source(model_args.model_name_or_path), "weights": weights_fingerprint(model),
+            "data": _source(data_args.dataset_dir or data_args.train_file
+                            or f"{data_args.dataset_name}:{data_args.dataset_config_name}"),
+            "block_size": data_args.block_size, "max_train_samples": data_args.max_train_samples,
+            "torch_dtype": model_args.torch_dtype, "lora": lora, "seed": args.seed,
+            "learning_rate": args.learning_rate, "lr_scheduler_type": args.lr_scheduler_type.value,
+            "warmup_steps": args.warmup_steps, "weight_decay": args.weight_decay, "optim": args.optim.value,
+            "effective_batch_size": args.per_device_train_batch_size * args.world_size
+            * args.gradient_accumulation_steps}
+
+
+def _source(path: str) -> str:
+    return os.path.realpath(path) if os.path.exists(path) else path
+
+
 def parse_args(argv=None):
     parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, SparseTrainingArguments))
-    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(sys.argv[1]))
-    return parser.parse_args_into_dataclasses(args=argv)
+    try:
+        if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+            return parser.parse_json_file(os.path.abspath(sys.argv[1]))
+        return parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as error:  # unknown flags, values TrainingArguments refuses
+        raise UserError(f"{str(error).splitlines()[0]} (see --help)") from None
 
 
 def print_start(trainer: SparseTrainer | SparseLoraTrainer, resume_from: str | None) -> None:
@@ -187,8 +258,7 @@ def print_start(trainer: SparseTrainer | SparseLoraTrainer, resume_from: str | N
         return
     print(f"*** Starting sparse {'LoRA' if isinstance(trainer, SparseLoraTrainer) else 'full'} fine-tuning ***")
     print(f"Initial model sparsity: {initial_sparsity:.4f}")
-    if not trainer.masks:
-        print("Warning: the model is not pruned (no pruned weights found); training it as a dense model.")
+    describe_masks(trainer.masks)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
     print(f"Trainable params: {trainable:,} || All params: {total:,} || Trainable%: {100 * trainable / total:.2f}")
@@ -198,6 +268,20 @@ def print_start(trainer: SparseTrainer | SparseLoraTrainer, resume_from: str | N
           f"accumulation {accumulation})")
     if resume_from:
         print(f"Resuming from checkpoint {resume_from}")
+
+
+def describe_masks(masks: SparsityMasks) -> None:
+    """Say which zeros are kept when the model's config does not (no ``sparsity_pattern``)."""
+    if masks.source == "zeros":
+        blocks = sum(isinstance(mask, BlockMask) for mask in masks.masks.values())
+        kind = f"{DEFAULT_BLOCK_SIZE}x{DEFAULT_BLOCK_SIZE} pruned blocks" if blocks else "unstructured pruning"
+        print(f"No {PATTERN_KEY} in the model's config: {kind} detected from its zeros in {len(masks)} weights; "
+              "those stay zero")
+    elif masks.source == "none":
+        stray = (f" (its {masks.stray_zeros:,} zero weights are scattered, not pruned: they train)"
+                 if masks.stray_zeros else "")
+        print(f"Warning: the model is not pruned{stray} and has no {PATTERN_KEY}: training it as a dense model. "
+              "Fine-tune the pruned model (main_block.py --save_model) to keep a sparsity.")
 
 
 def save_initial_evaluation(trainer: Trainer) -> None:
@@ -232,10 +316,21 @@ def build_trainer(model, lora_args: LoraArguments, **kwargs) -> SparseTrainer | 
 def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
         training_args: SparseTrainingArguments) -> int:
     lora_args.validate(training_args)
+    data_args.validate()
+    training_args.validate()
     training_args.apply_effective_batch_size()
+    with locked_output_dir(training_args.output_dir) if training_args.process_index == 0 else nullcontext():
+        return train_and_save(model_args, data_args, lora_args, training_args)
+
+
+def train_and_save(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
+                   training_args: SparseTrainingArguments) -> int:
     resume_from = checkpoint_to_resume(training_args)
     raw = load_raw_text(data_args)
     model, tokenizer = load_model(model_args.model_name_or_path, model_args.torch_dtype)
+    identity = run_identity(model_args, data_args, lora_args, training_args, model)
+    if resume_from and not training_args.resume_from_checkpoint:
+        check_belongs_to_run(resume_from, identity)
     check_optimizer(training_args, model)
     if data_args.block_size > model.config.max_position_embeddings:
         raise UserError(f"--block_size {data_args.block_size} exceeds the model's "
@@ -247,8 +342,14 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
     trainer = build_trainer(
         model, lora_args, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         processing_class=tokenizer, data_collator=default_data_collator, callbacks=[PrintProgress(), stop_on_signal],
+        nonfinite_patience=training_args.nonfinite_patience, run_identity=identity,
     )
     print_start(trainer, resume_from)
+    if trainer.is_world_process_zero() and training_args.save_strategy != "no":
+        space_warning = check_free_space(training_args.output_dir, checkpoint_bytes(
+            trainer.model, training_args.optim.value, lora_args.lora, training_args.save_only_model))
+        if space_warning:
+            print(space_warning, flush=True)
 
     # Evaluated inside the training loop: a trainer.evaluate() before train() leaves the model
     # unwrapped by DDP (transformers 5.24), and the ranks would then never synchronize gradients.
@@ -291,14 +392,27 @@ def write_finetuned_card(trainer, model_args: ModelArguments, data_args: DataArg
                      sparsity)
 
 
+def save_final_model(trainer: SparseTrainer | SparseLoraTrainer) -> None:
+    output_dir = trainer.args.output_dir
+    try:
+        if isinstance(trainer, SparseLoraTrainer):
+            trainer.save_merged_model()
+        else:
+            trainer.save_model()
+    except (OSError, RuntimeError, SafetensorError) as error:
+        if not out_of_space(error, output_dir):
+            raise
+        kept, _ = latest_complete_checkpoint(output_dir, move_incomplete=False)
+        raise UserError(f"no space left on the device while saving the final model to {output_dir}: "
+                        + (f"{kept} is kept; free some space and run the same command again to resume from it "
+                           "and save the model" if kept else "free some space and train again")) from error
+
+
 def save_and_report(trainer: SparseTrainer | SparseLoraTrainer, train_metrics: dict) -> tuple[dict[str, int], float]:
     """Save the model, state and metrics; print the final sparsity and evaluation; the violations and sparsity."""
     if trainer.is_fsdp_enabled:  # the final save is a normal HF directory, whatever the checkpoints are
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    if isinstance(trainer, SparseLoraTrainer):
-        trainer.save_merged_model()
-    else:
-        trainer.save_model()
+    save_final_model(trainer)
     trainer.save_state()
     trainer.log_metrics("train", train_metrics)
     trainer.save_metrics("train", train_metrics)
@@ -320,6 +434,8 @@ def save_and_report(trainer: SparseTrainer | SparseLoraTrainer, train_metrics: d
 
 
 def main(argv=None) -> None:
+    # Started in the background by a shell script, a process ignores SIGINT; the launcher forwards it here.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with exit_on_user_error():
         model_args, data_args, lora_args, training_args = parse_args(argv)
         try:

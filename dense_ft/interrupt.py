@@ -2,9 +2,9 @@
 
 import signal
 
-import torch
-import torch.distributed as dist
 from transformers import TrainerCallback
+
+from .ranks import max_over_ranks
 
 
 class StopOnSignal(TrainerCallback):
@@ -28,16 +28,8 @@ class StopOnSignal(TrainerCallback):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
-    def _requested_anywhere(self, args) -> bool:
-        # Every rank must stop at the same step, or the others wait forever in the next all-reduce.
-        if not (dist.is_available() and dist.is_initialized()):
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device=args.device if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
     def on_step_end(self, args, state, control, **kwargs):
-        if self._requested_anywhere(args):
+        if max_over_ranks(self.requested, args.device):  # every rank stops at the same step
             self.requested = True
             control.should_save = True
             control.should_training_stop = True

@@ -5,6 +5,12 @@ A weight whose zeros are whole ``b x b`` blocks (what block pruning leaves) gets
 the weight (or its gradient) is one indexed write of exactly those blocks, with no index to
 recompute and no full-size temporary. Any other pattern of zeros gets an ``ElementMask``:
 one bool per weight.
+
+Which zeros are pruned: those of the blocks a model's ``sparsity_pattern`` names. A model
+without one (pruned by another tool) is read from its zeros: whole zero 16x16 blocks are pruned
+blocks, and scattered zeros are unstructured pruning when they are at least
+``UNSTRUCTURED_MIN_FRACTION`` of the prunable weights; below that they are the stray zeros of a
+dense model (0.03% in the embedded default) and stay trainable.
 """
 
 import warnings
@@ -25,6 +31,7 @@ from .sparsity import (
 )
 
 DEFAULT_BLOCK_SIZE = 16
+UNSTRUCTURED_MIN_FRACTION = 0.01
 
 
 class BlockMask:
@@ -146,10 +153,10 @@ def _whole_zero_blocks(zeros: torch.Tensor, block_size: int) -> torch.Tensor:
 def capture_mask(weight: torch.Tensor, block_size: int | None = None) -> Mask | None:
     """The mask of one weight from its exact zeros, or None when nothing is pruned.
 
-    With ``block_size`` (the pattern a pruned model records), only whole zero blocks are
-    pruned: a stray zero inside a kept block stays an ordinary, trainable weight. Without
-    it, the zeros are a ``BlockMask`` when they are exactly a union of 16x16 blocks and an
-    ``ElementMask`` otherwise.
+    Whole zero blocks are pruned, and a stray zero inside a kept block stays an ordinary,
+    trainable weight. With ``block_size`` (the pattern a pruned model records) that is all;
+    without it, a weight with no whole zero 16x16 block gets an ``ElementMask`` of its zeros,
+    for the caller to judge (``is_unstructured_pruning``).
     """
     zeros = weight.detach() == 0
     if not zeros.any():
@@ -160,15 +167,28 @@ def capture_mask(weight: torch.Tensor, block_size: int | None = None) -> Mask | 
         raise UserError(f"a weight of shape {tuple(weight.shape)} cannot hold {b}x{b} blocks")
     if divisible:
         blocks = _whole_zero_blocks(zeros, b)
-        if block_size is not None or int(blocks.sum()) * b * b == int(zeros.sum()):
-            return BlockMask(blocks, b) if blocks.any() else None
+        if blocks.any():
+            return BlockMask(blocks, b)
+        if block_size is not None:
+            return None
     return ElementMask(zeros)
 
 
+def is_unstructured_pruning(element_zeros: int, prunable_weights: int) -> bool:
+    """Whether scattered zeros, in a model with no ``sparsity_pattern``, are pruning rather than stray zeros."""
+    return element_zeros >= UNSTRUCTURED_MIN_FRACTION * prunable_weights
+
+
 class SparsityMasks:
-    """The masks of a model's prunable weights, captured once from its zeros."""
+    """The masks of a model's prunable weights, captured once from its zeros.
+
+    ``source`` says where the pattern came from: ``"sparsity_pattern"``, ``"zeros"`` (detected:
+    blocks or unstructured), or ``"none"`` (not pruned); ``stray_zeros`` counts the scattered
+    zeros of a model without a pattern that were judged stray and left trainable.
+    """
 
     def __init__(self, model: nn.Module, block_size: int | None = None):
+        pattern = None
         if block_size is None:
             pattern = sparsity_pattern(model.config) if hasattr(model, "config") else None
             if pattern is not None:
@@ -181,6 +201,18 @@ class SparsityMasks:
             mask = capture_mask(local_tensor(linear.weight), block_size)
             if mask is not None:
                 self.masks[name] = mask
+        self.stray_zeros = 0
+        if block_size is None:
+            self._drop_stray_zeros()
+        self.source = "none" if not self.masks else "sparsity_pattern" if block_size is not None else "zeros"
+
+    def _drop_stray_zeros(self) -> None:
+        scattered = {name: mask for name, mask in self.masks.items() if isinstance(mask, ElementMask)}
+        zeros = sum(mask.num_pruned for mask in scattered.values())
+        if not is_unstructured_pruning(zeros, sum(linear.weight.numel() for linear in self.linears.values())):
+            self.stray_zeros = zeros
+            for name in scattered:
+                del self.masks[name]
 
     def match_local_shards(self) -> None:
         """After FSDP2 shards the weights by rows, keep only this rank's rows of each mask, on its device.

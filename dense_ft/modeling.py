@@ -3,6 +3,7 @@
 import os
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .errors import UserError
@@ -28,6 +29,9 @@ def _from_pretrained(auto_class, name: str, **kwargs):
         return auto_class.from_pretrained(name, **kwargs)
     except OSError as error:
         raise UserError(f"cannot load model {name!r}: {str(error).splitlines()[0]}") from error
+    except SafetensorError as error:
+        raise UserError(f"cannot load model {name!r}: a weights file is truncated or corrupted "
+                        f"({str(error).splitlines()[0]})") from error
 
 
 def load_weights(name: str, dtype: str = "float32"):

@@ -14,6 +14,7 @@ import os
 import time
 
 import torch
+from safetensors import SafetensorError
 
 from .errors import UserError, exit_on_user_error
 from .evaluation import (
@@ -26,6 +27,7 @@ from .evaluation import (
 )
 from .model_card import write_model_card
 from .modeling import default_device, load_model, save_model
+from .output_dir import check_output_path
 from .sparsity import check_sparsity
 from .text import joined_text, load_corpus
 from .wanda import calibration_windows, check_block_shapes, prune_wanda_blocks
@@ -110,6 +112,9 @@ def place_model(model, args: argparse.Namespace, seqlen: int) -> bool:
 
 
 def run(args: argparse.Namespace) -> dict:
+    for path, flag in ((args.save, "--save"), (args.save_model, "--save_model")):
+        if path:
+            check_output_path(path, flag)  # before the work, not after it
     calib = load_corpus(args.calib_dataset, splits=("train",)) if args.sparsity_ratio > 0 else None
     evaluation = load_corpus(args.eval_dataset, splits=("test",))
     model, tokenizer = load_model(args.model, args.dtype)
@@ -150,11 +155,23 @@ def run(args: argparse.Namespace) -> dict:
             os.makedirs(args.save, exist_ok=True)
             save_lm_eval_results(lm_eval_results, os.path.join(args.save, "lm_eval_results.json"))
 
+    if args.save:  # first: a model save that fails must not lose the figures
+        write_results(results, args.save)
+        print(f"Results saved to {os.path.join(args.save, 'results.json')}")
     if args.save_model:
-        save_model(model, tokenizer, args.save_model)
-        write_pruned_card(args, model, results)
-        print(f"Pruned model saved to {args.save_model}")
+        save_pruned_model(args, model, tokenizer, results)
     return results
+
+
+def save_pruned_model(args: argparse.Namespace, model, tokenizer, results: dict) -> None:
+    try:
+        save_model(model, tokenizer, args.save_model)
+    except (OSError, RuntimeError, SafetensorError) as error:
+        raise UserError(f"cannot save the model to {args.save_model}: {str(error).splitlines()[0]}"
+                        + (f" (the results are saved in {args.save})" if args.save else "")) from error
+    write_pruned_card(args, model, results)
+    print(f"Pruned model saved to {args.save_model}" if args.sparsity_ratio > 0 else
+          f"Model saved to {args.save_model} (not pruned: --sparsity_ratio 0)")
 
 
 def write_pruned_card(args: argparse.Namespace, model, results: dict) -> None:
@@ -186,10 +203,7 @@ def write_results(results: dict, directory: str) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     with exit_on_user_error():
-        results = run(args)
-        if args.save:
-            write_results(results, args.save)
-            print(f"Results saved to {os.path.join(args.save, 'results.json')}")
+        run(args)
 
 
 if __name__ == "__main__":

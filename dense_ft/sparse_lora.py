@@ -22,6 +22,7 @@ from torch.nn import functional as F
 from transformers import Trainer
 
 from .errors import UserError
+from .guarded_trainer import GuardedTrainingMixin
 from .masks import Mask, SparsityMasks
 from .modeling import looks_like_local_path, save_model
 
@@ -158,7 +159,7 @@ def lora_config(rank: int, alpha: float, dropout: float, target_modules: list[st
                       task_type="CAUSAL_LM")
 
 
-class SparseLoraTrainer(Trainer):
+class SparseLoraTrainer(GuardedTrainingMixin, Trainer):
     """A Trainer for a sparse-LoRA model: the masking is in its adapted layers, so what is added here is
     ``masks`` (the pruned model's, for the final check) and the merged model at the end."""
 

@@ -6,7 +6,8 @@ model the trainer is given. On every real optimizer step (not on gradient-accumu
 micro-steps) the gradients of pruned weights are zeroed before clipping and the step, so the
 optimizer's moments for them stay zero, and the weights are re-masked right after the step.
 The mask is never re-derived from ``W == 0`` during training: a kept weight that passes
-through zero stays trainable.
+through zero stays trainable. The run is guarded as well (``GuardedTrainingMixin``): divergence
+stops it, checkpoints are complete or absent.
 """
 
 import torch
@@ -14,6 +15,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.training_args import ParallelMode
 
 from .errors import UserError
+from .guarded_trainer import GuardedTrainingMixin
 from .masks import SparsityMasks
 from .sparsity import check_sparsity
 
@@ -28,7 +30,7 @@ class _ReapplyMasksAfterStep(TrainerCallback):
         self.masks.apply_to_weights()
 
 
-class SparseTrainingMixin:
+class SparseTrainingMixin(GuardedTrainingMixin):
     """Keeps a ``transformers.Trainer`` subclass's pruned weights at zero: list it first among the bases."""
 
     def __init__(self, *args, **kwargs):

@@ -8,6 +8,7 @@ line each, with its line break, and blank lines as empty strings.
 import os
 
 from datasets import DatasetDict, load_dataset
+from datasets.exceptions import DatasetGenerationError
 
 from .errors import UserError
 from .modeling import looks_like_local_path
@@ -26,8 +27,28 @@ def load_text_files(files: dict[str, str]) -> DatasetDict:
     missing = [path for path in files.values() if not os.path.isfile(path)]
     if missing:
         raise UserError(f"text file not found: {', '.join(missing)}")
-    corpus = load_dataset("text", data_files=files, keep_linebreaks=True)
+    empty = [path for path in files.values() if os.path.getsize(path) == 0]
+    if empty:
+        raise UserError(f"text file is empty: {', '.join(empty)}")
+    try:
+        corpus = load_dataset("text", data_files=files, keep_linebreaks=True)
+    except DatasetGenerationError as error:
+        if isinstance(error.__cause__, UnicodeDecodeError):
+            raise UserError(_not_utf8(files.values())) from error
+        raise
     return corpus.map(_blank_lines_empty, desc="Reading text")
+
+
+def _not_utf8(paths) -> str:
+    """Which file is not UTF-8, and where (read again only once loading has failed)."""
+    for path in paths:
+        with open(path, "rb") as file:
+            data = file.read()
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            return f"{path} is not UTF-8 text (byte {error.start}): convert it, e.g. with iconv -t utf-8"
+    return "a text file is not UTF-8 text"
 
 
 def load_wikitext_dir(directory: str, splits=tuple(WIKITEXT_FILES)) -> DatasetDict:

@@ -16,6 +16,7 @@ from conftest import REPO_ROOT, run_python
 from tiny_models import tiny_llama
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
+from dense_ft.finetune import main as finetune_main
 from dense_ft.sparsity import prunable_linears
 
 FINETUNE = "dense_ft/finetune.py"
@@ -65,34 +66,53 @@ def test_sigint_saves_a_checkpoint_and_the_rerun_resumes(method, tmp_path, tiny_
 
 @pytest.mark.parametrize("change, message", [
     ({"--model_name_or_path": "missing/pruned/model"}, "model directory not found"),
+    ({"--model_name_or_path": "{tmp}/truncated_model"}, "a weights file is truncated or corrupted"),
     ({"--dataset_dir": "{tmp}/no_corpus"}, "lacks wiki.train.raw"),
+    ({"--dataset_dir": "{tmp}/empty_valid"}, "text file is empty: {tmp}/empty_valid/wiki.valid.raw"),
+    ({"--dataset_dir": "", "--train_file": "{tmp}/empty.txt"}, "text file is empty: {tmp}/empty.txt"),
+    ({"--dataset_dir": "", "--train_file": "{tmp}/latin1.txt"}, "{tmp}/latin1.txt is not UTF-8 text (byte 9)"),
     ({"--block_size": "100000"}, "exceeds the model's 256 positions"),
+    ({"--block_size": "0"}, "--block_size must be a positive number of tokens, got 0"),
     ({"--dataset_dir": "{tmp}/tiny_corpus"}, "no training sequence of 32 tokens"),
+    ({"--learning_rate": "-1"}, "--learning_rate must be a positive finite number, got -1.0"),
+    ({"--learning_rate": "1e400"}, "--learning_rate must be a positive finite number, got inf"),
+    ({"--bogus": "1"}, "Some specified arguments are not used by the HfArgumentParser: ['--bogus', '1']"),
+    ({"--resume_from_checkpoint": "{tmp}/nowhere"}, "--resume_from_checkpoint {tmp}/nowhere not found"),
+    ({"--resume_from_checkpoint": "{tmp}/no_corpus"}, "is an incomplete checkpoint"),
     ({"--torch_dtype": "float16", "--fp16": "true"}, "--fp16 needs float32 weights"),
     pytest.param({"--optim": "adamw_torch_8bit"}, "--optim adamw_torch_8bit: You need to have `torchao",
                  marks=pytest.mark.skipif(importlib.util.find_spec("torchao") is not None,
                                           reason="torchao is installed")),
 ])
 def test_bad_input_fails_in_one_line_and_keeps_the_output_dir(change, message, tmp_path, tiny_pruned_dir,
-                                                              small_corpus_dir):
+                                                              small_corpus_dir, capsys):
     (tmp_path / "no_corpus").mkdir()
     (tmp_path / "tiny_corpus").mkdir()
     for split in ("train", "valid"):
         (tmp_path / "tiny_corpus" / f"wiki.{split}.raw").write_text(" = A = \n Short . \n")
+    shutil.copytree(small_corpus_dir, tmp_path / "empty_valid")
+    (tmp_path / "empty_valid" / "wiki.valid.raw").write_text("")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "latin1.txt").write_bytes("Text, caf\xe9 au lait".encode("latin-1"))
+    shutil.copytree(tiny_pruned_dir, tmp_path / "truncated_model")
+    weights = (tmp_path / "truncated_model" / "model.safetensors").read_bytes()
+    (tmp_path / "truncated_model" / "model.safetensors").write_bytes(weights[:len(weights) // 3])
     output = tmp_path / "out"
     output.mkdir()
     (output / "keep.txt").write_text("saved earlier")
-    args = finetune_args(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 1)
+    args = finetune_args(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 1)[1:]
     for flag, value in change.items():
         value = value.format(tmp=tmp_path)
         if flag in args:
             args[args.index(flag) + 1] = value
         else:
             args += [flag, value]
-    result = run_python(*args, timeout=180)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    assert message in result.stderr.strip().splitlines()[-1]
+    with pytest.raises(SystemExit) as exited:
+        finetune_main(list(map(str, args)))
+    stderr = capsys.readouterr().err
+    assert exited.value.code == 2, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].startswith("error: ")
+    assert message.format(tmp=tmp_path) in stderr.strip().splitlines()[-1]
     assert sorted(os.listdir(output)) == ["keep.txt"] and (output / "keep.txt").read_text() == "saved earlier"
 
 

@@ -28,11 +28,54 @@ def test_block_zeros_become_a_block_mask_of_two_int32_per_pruned_block():
 
 
 def test_scattered_zeros_become_an_element_mask():
-    weight, _ = block_pruned_weight()
-    weight[3, 5] = 0.0  # inside a kept block
+    weight = torch.randn(64, 96, generator=torch.Generator().manual_seed(0))
+    weight[torch.rand(weight.shape, generator=torch.Generator().manual_seed(1)) < 0.3] = 0.0
     mask = capture_mask(weight)
     assert isinstance(mask, ElementMask)
     assert torch.equal(mask.dense(), weight == 0)
+
+
+def test_without_a_pattern_whole_zero_blocks_are_found_and_a_stray_zero_stays_trainable():
+    weight, grid = block_pruned_weight()
+    weight[3, 5] = 0.0  # inside a kept block
+    mask = capture_mask(weight)
+    assert isinstance(mask, BlockMask) and torch.equal(mask.pruned_blocks, grid)
+    assert not mask.dense()[3, 5]
+
+
+def scatter_zeros(model, fraction: float, seed: int = 0) -> int:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for linear in prunable_linears(model).values():
+            linear.weight[torch.rand(linear.weight.shape, generator=generator) < fraction] = 0.0
+    return sum(int((linear.weight == 0).sum()) for linear in prunable_linears(model).values())
+
+
+def test_a_dense_model_with_stray_zeros_and_no_pattern_gets_no_masks():
+    model = tiny_llama()
+    stray = scatter_zeros(model, 0.0003)
+    masks = SparsityMasks(model)
+    assert stray > 0 and len(masks) == 0
+    assert masks.source == "none" and masks.stray_zeros == stray
+
+
+def test_unstructured_pruning_without_a_pattern_keeps_every_zero():
+    model = tiny_llama()
+    zeros = scatter_zeros(model, 0.3)
+    masks = SparsityMasks(model)
+    assert masks.source == "zeros" and masks.stray_zeros == 0
+    assert all(isinstance(mask, ElementMask) for mask in masks.masks.values()) and masks.num_pruned == zeros
+
+
+def test_blocks_pruned_by_another_tool_are_detected_without_a_pattern():
+    model = tiny_llama()
+    pruned = zero_random_blocks(model)
+    del model.config.sparsity_pattern  # what another tool's pruned model looks like
+    scatter_zeros(model, 0.0003, seed=1)  # plus stray zeros, which must stay trainable
+    masks = SparsityMasks(model)
+    assert masks.source == "zeros" and all(isinstance(mask, BlockMask) for mask in masks.masks.values())
+    assert masks.masks.keys() == pruned.keys()
+    assert all(torch.equal(masks.masks[name].dense(), pruned[name]) for name in pruned)
 
 
 def test_recorded_block_size_leaves_stray_zeros_trainable():

@@ -1,0 +1,40 @@
+"""Output paths: checked before any work, and one run at a time in each."""
+
+import fcntl
+import os
+from contextlib import contextmanager
+
+from .errors import UserError
+
+
+def check_output_path(path: str, flag: str) -> None:
+    """Refuse, before any work, a directory that cannot be created or written: a file in the way, no permission."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "is a file" if existing == os.path.abspath(path) else f"cannot be created: {existing} is a file"
+        raise UserError(f"{flag} {path} {where}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path} is not writable (no write permission on {existing})")
+
+
+@contextmanager
+def locked_output_dir(path: str, flag: str = "--output_dir"):
+    """Create ``path`` and hold an exclusive lock on it; refuse, in one line, when another run holds it.
+
+    The lock is on the directory itself (``flock``): it adds no file, and it dies with its
+    process however that ends.
+    """
+    check_output_path(path, flag)
+    os.makedirs(path, exist_ok=True)
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another run is writing to {flag} {path}: wait for it to finish, or choose another "
+                            f"{flag}") from None
+        yield
+    finally:
+        os.close(descriptor)
