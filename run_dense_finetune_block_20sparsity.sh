@@ -10,7 +10,8 @@ SCRIPT_NAME=$(basename "$0")
 # The settings a user may give in the environment; those given are repeated in the LoRA advice.
 USER_SETTINGS=()
 for name in PRUNED_MODEL DATASET DATASET_CONFIG DATASET_DIR NUM_EPOCHS LEARNING_RATE BATCH_SIZE BLOCK_SIZE \
-            MAX_TRAIN_SAMPLES EFFECTIVE_BATCH_SIZE LOGGING_STEPS SAVE_STEPS OPTIM OPTIM_ARGS REPORT_TO; do
+            MAX_TRAIN_SAMPLES EFFECTIVE_BATCH_SIZE LOGGING_STEPS SAVE_STEPS OPTIM OPTIM_ARGS REPORT_TO \
+            TEACHER_MODEL; do
     [[ -z ${!name+set} ]] || USER_SETTINGS+=("$name=${!name}")
 done
 OUTPUT_DIR_GIVEN=${OUTPUT_DIR:+1}
@@ -36,6 +37,7 @@ SAVE_STEPS=${SAVE_STEPS:-200}
 OPTIM=${OPTIM:-}
 OPTIM_ARGS=${OPTIM_ARGS:-}
 REPORT_TO=${REPORT_TO:-none}
+TEACHER_MODEL=${TEACHER_MODEL:-}
 METHOD=${METHOD:-full}
 MIN_GPU_MEMORY_GB=${MIN_GPU_MEMORY_GB:-}
 ASSUME_YES=${ASSUME_YES:-0}
@@ -106,6 +108,8 @@ Environment variables (defaults in brackets):
                         OPTIM=adamw_torch_8bit OPTIM_ARGS=bf16_stochastic_round=True keeps the
                         small updates that bf16 AdamW drops, in less memory (see the README)
   REPORT_TO             the Trainer's --report_to: none, tensorboard, wandb, ... [$REPORT_TO]
+  TEACHER_MODEL         dense model to distill from (finetune.py --teacher_model; pass
+                        -- --distill_loss kl|kl+ce|squarehead to choose the loss) [${TEACHER_MODEL:-unset}]
   MIN_GPU_MEMORY_GB     free memory under which to warn [40 for full, 24 for lora]
   ASSUME_YES=1          same as --yes
   PYTHON, TORCHRUN      the interpreters to run [$PYTHON, $TORCHRUN]
@@ -185,6 +189,11 @@ validate_settings() {
         is_positive_number "${!name}" || die "$name must be a positive finite number, got '${!name}'"
     done
     [[ -z $DATASET_DIR || -d $DATASET_DIR ]] || die "DATASET_DIR not found: $DATASET_DIR"
+    if [[ -n $TEACHER_MODEL ]]; then
+        [[ -d $TEACHER_MODEL ]] || ! looks_like_local_path "$TEACHER_MODEL" \
+            || die "TEACHER_MODEL not found: $TEACHER_MODEL"
+        [[ $ENGINE == ddp ]] || die "TEACHER_MODEL trains with DDP (one teacher per GPU), not --engine fsdp"
+    fi
 }
 
 validate_gpu_ids() {
@@ -248,7 +257,8 @@ print_banner() {
 Dense Fine-tuning Configuration
 ==========================================
 Method: $METHOD_DESCRIPTION
-Pruned model: $PRUNED_MODEL
+Pruned model: $PRUNED_MODEL${TEACHER_MODEL:+
+Teacher model: $TEACHER_MODEL (distillation)}
 Output directory: $OUTPUT_DIR
 Dataset: $DATASET_DESCRIPTION
 
@@ -329,6 +339,7 @@ build_command() {
         finetune_args+=(--dataset_name "$DATASET" --dataset_config_name "$DATASET_CONFIG")
     fi
     [[ $METHOD == full ]] || finetune_args+=(--lora)
+    [[ -z $TEACHER_MODEL ]] || finetune_args+=(--teacher_model "$TEACHER_MODEL")
     if (( USE_GPU )); then
         # The guide's recipe: bf16 weights and training, activations recomputed in backward.
         finetune_args+=(--torch_dtype bfloat16 --bf16 true)

@@ -7,7 +7,9 @@
 By default every weight trains (``SparseTrainer``). With ``--lora`` only sparse LoRA adapters
 train (``dense_ft.sparse_lora``): their update is masked by the pruned blocks, checkpoints hold
 the adapter (PEFT format), and the output directory gets the merged model (still sparse) with
-the final adapter in ``adapter/``. Every ``transformers.TrainingArguments`` flag works.
+the final adapter in ``adapter/``. With ``--teacher_model`` (the dense original) either learns
+from the teacher as well (``dense_ft.distillation``). Every ``transformers.TrainingArguments``
+flag works.
 
 A rerun with the same ``--output_dir`` resumes from its newest complete checkpoint, when that
 checkpoint belongs to the same run (``--overwrite_output_dir`` starts over); Ctrl+C or SIGTERM
@@ -43,6 +45,12 @@ from dense_ft.checkpoints import (
     latest_complete_checkpoint,
     out_of_space,
     weights_fingerprint,
+)
+from dense_ft.distillation import (
+    DistillationArguments,
+    DistillingSparseLoraTrainer,
+    DistillingSparseTrainer,
+    load_teacher,
 )
 from dense_ft.errors import UserError, exit_on_user_error
 from dense_ft.interrupt import StopOnSignal
@@ -143,9 +151,12 @@ class SparseTrainingArguments(TrainingArguments):
 class PrintProgress(TrainerCallback):
     """``Step 10: loss=2.5432`` lines, as the guide shows them, and each evaluation's perplexity."""
 
+    TERMS = ("ce_loss", "kl_loss", "squarehead_loss")  # with a teacher: what the loss is made of
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs and "loss" in logs:
-            print(f"Step {state.global_step}: loss={logs['loss']:.4f}", flush=True)
+            terms = ", ".join(f"{name.removesuffix('_loss')}={logs[name]:.4f}" for name in self.TERMS if name in logs)
+            print(f"Step {state.global_step}: loss={logs['loss']:.4f}" + (f" ({terms})" if terms else ""), flush=True)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if state.is_world_process_zero and metrics and "eval_loss" in metrics:
@@ -219,7 +230,7 @@ def checkpoint_to_resume(training_args: SparseTrainingArguments) -> str | None:
 
 
 def run_identity(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
-                 training_args: SparseTrainingArguments, model) -> dict:
+                 distill_args: DistillationArguments, training_args: SparseTrainingArguments, model) -> dict:
     """What defines a run: a checkpoint resumes only into a run with the same values.
 
     The run's length (epochs, max steps) is not part of it: a resume may extend a run, as with the Trainer.
@@ -227,11 +238,14 @@ def run_identity(model_args: ModelArguments, data_args: DataArguments, lora_args
     args = training_args
     lora = {"r": lora_args.lora_r, "alpha": lora_args.lora_alpha, "dropout": lora_args.lora_dropout,
             "target_modules": sorted(lora_args.lora_target_modules)} if lora_args.lora else None
+    distillation = {"teacher": _source(distill_args.teacher_model), "loss": distill_args.distill_loss,
+                    "temperature": distill_args.distill_temperature,
+                    "weight": distill_args.distill_weight} if distill_args.teacher_model else None
     return {"model": _source(model_args.model_name_or_path), "weights": weights_fingerprint(model),
             "data": _source(data_args.dataset_dir or data_args.train_file
                             or f"{data_args.dataset_name}:{data_args.dataset_config_name}"),
             "block_size": data_args.block_size, "max_train_samples": data_args.max_train_samples,
-            "torch_dtype": model_args.torch_dtype, "lora": lora, "seed": args.seed,
+            "torch_dtype": model_args.torch_dtype, "lora": lora, "distillation": distillation, "seed": args.seed,
             "learning_rate": args.learning_rate, "lr_scheduler_type": args.lr_scheduler_type.value,
             "warmup_steps": args.warmup_steps, "weight_decay": args.weight_decay, "optim": args.optim.value,
             "effective_batch_size": args.per_device_train_batch_size * args.world_size
@@ -243,7 +257,8 @@ def _source(path: str) -> str:
 
 
 def parse_args(argv=None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, SparseTrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, DistillationArguments,
+                               SparseTrainingArguments))
     try:
         if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
             return parser.parse_json_file(os.path.abspath(sys.argv[1]))
@@ -266,6 +281,10 @@ def print_start(trainer: SparseTrainer | SparseLoraTrainer, resume_from: str | N
                                   trainer.args.gradient_accumulation_steps)
     print(f"Effective batch size: {batch * world * accumulation} (per-device {batch} x {world} process(es) x "
           f"accumulation {accumulation})")
+    if getattr(trainer, "teacher", None) is not None:
+        settings = trainer.distillation
+        print(f"Distilling from {settings.teacher_model}: loss {settings.distill_loss}, temperature "
+              f"{settings.distill_temperature:g}, weight {settings.distill_weight:g}")
     if resume_from:
         print(f"Resuming from checkpoint {resume_from}")
 
@@ -301,34 +320,38 @@ def check_optimizer(training_args: SparseTrainingArguments, model) -> None:
         raise UserError(f"--optim {training_args.optim.value}: {error}") from None
 
 
-def build_trainer(model, lora_args: LoraArguments, **kwargs) -> SparseTrainer | SparseLoraTrainer:
+def build_trainer(model, lora_args: LoraArguments, teacher=None, distillation: DistillationArguments | None = None,
+                  **kwargs) -> SparseTrainer | SparseLoraTrainer:
+    if teacher is not None:
+        kwargs.update(teacher=teacher, distillation=distillation)
     if not lora_args.lora:
-        return SparseTrainer(model=model, **kwargs)
+        return (SparseTrainer if teacher is None else DistillingSparseTrainer)(model=model, **kwargs)
     masks = SparsityMasks(model)
     config = lora_config(lora_args.lora_r, lora_args.lora_alpha, lora_args.lora_dropout, lora_args.lora_target_modules)
     try:
         model = add_sparse_lora(model, config)
     except ValueError as error:  # PEFT's word for target modules that match nothing
         raise UserError(f"--lora_target_modules: {str(error).splitlines()[0]}") from None
-    return SparseLoraTrainer(model=model, masks=masks, **kwargs)
+    return (SparseLoraTrainer if teacher is None else DistillingSparseLoraTrainer)(model=model, masks=masks, **kwargs)
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
-        training_args: SparseTrainingArguments) -> int:
+        distill_args: DistillationArguments, training_args: SparseTrainingArguments) -> int:
     lora_args.validate(training_args)
     data_args.validate()
+    distill_args.validate()
     training_args.validate()
     training_args.apply_effective_batch_size()
     with locked_output_dir(training_args.output_dir) if training_args.process_index == 0 else nullcontext():
-        return train_and_save(model_args, data_args, lora_args, training_args)
+        return train_and_save(model_args, data_args, lora_args, distill_args, training_args)
 
 
 def train_and_save(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
-                   training_args: SparseTrainingArguments) -> int:
+                   distill_args: DistillationArguments, training_args: SparseTrainingArguments) -> int:
     resume_from = checkpoint_to_resume(training_args)
     raw = load_raw_text(data_args)
     model, tokenizer = load_model(model_args.model_name_or_path, model_args.torch_dtype)
-    identity = run_identity(model_args, data_args, lora_args, training_args, model)
+    identity = run_identity(model_args, data_args, lora_args, distill_args, training_args, model)
     if resume_from and not training_args.resume_from_checkpoint:
         check_belongs_to_run(resume_from, identity)
     check_optimizer(training_args, model)
@@ -337,11 +360,14 @@ def train_and_save(model_args: ModelArguments, data_args: DataArguments, lora_ar
                         f"{model.config.max_position_embeddings} positions")
     train_dataset, eval_dataset = prepare_datasets(raw, tokenizer, data_args, training_args)
 
+    teacher = load_teacher(distill_args, model, tokenizer, training_args) if distill_args.teacher_model else None
+
     set_seed(training_args.seed)  # the adapters' initialization, as run_clm seeds the model's
     stop_on_signal = StopOnSignal()
     trainer = build_trainer(
-        model, lora_args, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        processing_class=tokenizer, data_collator=default_data_collator, callbacks=[PrintProgress(), stop_on_signal],
+        model, lora_args, teacher, distill_args, args=training_args, train_dataset=train_dataset,
+        eval_dataset=eval_dataset, processing_class=tokenizer, data_collator=default_data_collator,
+        callbacks=[PrintProgress(), stop_on_signal],
         nonfinite_patience=training_args.nonfinite_patience, run_identity=identity,
     )
     print_start(trainer, resume_from)
@@ -363,12 +389,13 @@ def train_and_save(model_args: ModelArguments, data_args: DataArguments, lora_ar
         return INTERRUPTED_EXIT_CODE
     violations, final_sparsity = save_and_report(trainer, result.metrics)
     if trainer.is_world_process_zero():
-        write_finetuned_card(trainer, model_args, data_args, lora_args, violations, final_sparsity)
+        write_finetuned_card(trainer, model_args, data_args, lora_args, distill_args, violations, final_sparsity)
     return 1 if violations else 0
 
 
 def write_finetuned_card(trainer, model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
-                         violations: dict[str, int], final_sparsity: float) -> None:
+                         distill_args: DistillationArguments, violations: dict[str, int],
+                         final_sparsity: float) -> None:
     args = trainer.args
     data = (data_args.dataset_dir or data_args.train_file
             or f"{data_args.dataset_name} ({data_args.dataset_config_name})")
@@ -382,6 +409,10 @@ def write_finetuned_card(trainer, model_args: ModelArguments, data_args: DataArg
     if lora_args.lora:
         recipe.update({"LoRA rank": lora_args.lora_r, "LoRA alpha": lora_args.lora_alpha,
                        "LoRA dropout": lora_args.lora_dropout, "LoRA modules": lora_args.lora_target_modules})
+    if distill_args.teacher_model:
+        recipe.update({"teacher": distill_args.teacher_model, "distillation loss": distill_args.distill_loss,
+                       "distillation temperature": distill_args.distill_temperature,
+                       "distillation weight": distill_args.distill_weight})
     evaluations = [record for record in trainer.state.log_history if "eval_loss" in record]
     results = {f"validation perplexity at step {record['step']}": perplexity(record["eval_loss"])
                for record in evaluations[:1] + evaluations[-1:]}
@@ -437,9 +468,9 @@ def main(argv=None) -> None:
     # Started in the background by a shell script, a process ignores SIGINT; the launcher forwards it here.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     with exit_on_user_error():
-        model_args, data_args, lora_args, training_args = parse_args(argv)
+        model_args, data_args, lora_args, distill_args, training_args = parse_args(argv)
         try:
-            sys.exit(run(model_args, data_args, lora_args, training_args))
+            sys.exit(run(model_args, data_args, lora_args, distill_args, training_args))
         except KeyboardInterrupt:
             print("Aborted.", file=sys.stderr)
             sys.exit(INTERRUPTED_EXIT_CODE)

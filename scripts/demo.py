@@ -42,8 +42,9 @@ def evaluate(model: Path, save: Path, sizes: dict, timings: dict, stage: str, *e
     return json.loads((save / "results.json").read_text())
 
 
-def fine_tune(pruned: Path, output: Path, sizes: dict, timings: dict) -> None:
-    env = {**os.environ, "PYTHON": sys.executable, "PRUNED_MODEL": str(pruned), "OUTPUT_DIR": str(output),
+def fine_tune(pruned: Path, output: Path, sizes: dict, timings: dict, teacher: Path | None) -> None:
+    env = {**os.environ, **({"TEACHER_MODEL": str(teacher)} if teacher else {}),
+           "PYTHON": sys.executable, "PRUNED_MODEL": str(pruned), "OUTPUT_DIR": str(output),
            "DATASET_DIR": str(corpus_dir()), "BLOCK_SIZE": str(sizes["block_size"]), "NUM_EPOCHS": "1",
            "MAX_TRAIN_SAMPLES": str(sizes["train_samples"]), "BATCH_SIZE": "2",
            "LEARNING_RATE": sizes["learning_rate"], "LOGGING_STEPS": "2"}
@@ -64,7 +65,8 @@ def check_against_reference(model: Path, reference: Path, timings: dict) -> dict
 
 
 def plot_losses(trainer_state: dict, path: Path) -> None:
-    """Training loss per logged step and evaluation loss (step 0 is the evaluation before training)."""
+    """Training loss per logged step, its terms under distillation, and the evaluation loss (step 0: before
+    training)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -75,10 +77,14 @@ def plot_losses(trainer_state: dict, path: Path) -> None:
     evaluation = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
     figure, axes = plt.subplots(figsize=(7, 4))
     axes.plot(*zip(*train, strict=True), marker=".", label="training loss")
+    for term in ("ce_loss", "kl_loss", "squarehead_loss"):  # what a distilled run's loss is made of
+        points = [(h["step"], h[term]) for h in history if term in h]
+        if points:
+            axes.plot(*zip(*points, strict=True), linestyle="--", label=f"training {term.replace('_', ' ')}")
     if evaluation:
         axes.plot(*zip(*evaluation, strict=True), marker="o", label="evaluation loss")
     axes.set_xlabel("optimizer step")
-    axes.set_ylabel("cross-entropy loss")
+    axes.set_ylabel("loss (evaluation: cross-entropy)")
     axes.set_title("Sparse full fine-tuning of SmolLM2-135M (20% Wanda 16x16 blocks)")
     axes.grid(alpha=0.3)
     axes.legend()
@@ -88,7 +94,8 @@ def plot_losses(trainer_state: dict, path: Path) -> None:
 
 def markdown_report(report: dict) -> str:
     rows = [("dense", report["dense"]), ("pruned (Wanda 16x16, 20%)", report["pruned"]),
-            ("fine-tuned (SparseTrainer)", report["finetuned"])]
+            ("fine-tuned (SparseTrainer" + (", distilled from the dense model" if report["distilled"] else "") + ")",
+             report["finetuned"])]
     lines = ["# Pipeline report: SmolLM2-135M, embedded default", "",
              f"Perplexity: test split of the embedded Wikipedia corpus, seqlen {report['seqlen']}, "
              f"{report['eval_windows']} windows.", "",
@@ -105,6 +112,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "demo_out", help="output folder")
     parser.add_argument("--quick", action="store_true", help="smallest sizes (what the tests run)")
+    parser.add_argument("--distill", action="store_true", help="fine-tune with the dense model as teacher")
     args = parser.parse_args()
     sizes = SIZES["quick" if args.quick else "full"]
     out = args.out.resolve()
@@ -116,7 +124,7 @@ def main() -> None:
     pruned = evaluate(model_dir(), out / "pruned", sizes, timings, "prune (Wanda 16x16, 20%)",
                       "--sparsity_ratio", 0.2, "--block_size", 16, "--nsamples", sizes["nsamples"],
                       "--calib_dataset", corpus_dir(), "--save_model", pruned_model)
-    fine_tune(pruned_model, finetuned_model, sizes, timings)
+    fine_tune(pruned_model, finetuned_model, sizes, timings, model_dir() if args.distill else None)
     check = check_against_reference(finetuned_model, pruned_model, timings)
     finetuned = evaluate(finetuned_model, out / "finetuned_eval", sizes, timings, "fine-tuned perplexity")
     timings["total"] = round(time.perf_counter() - started, 1)
@@ -130,7 +138,7 @@ def main() -> None:
                    "sparsity": pruned["actual_sparsity"]},
         "finetuned": {"model": str(finetuned_model), "perplexity": finetuned["perplexity"],
                       "sparsity": check["sparsity"]},
-        "violations": check["violations"], "timings": timings,
+        "violations": check["violations"], "timings": timings, "distilled": args.distill,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(markdown_report(report))

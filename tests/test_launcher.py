@@ -155,6 +155,7 @@ def test_bad_input_is_one_line_exit_2_and_starts_nothing(fake, args, message):
 
 
 @pytest.mark.parametrize("variable, value", [("BATCH_SIZE", "0"), ("LEARNING_RATE", "fast"),
+                                              ("LEARNING_RATE", "1e400"), ("LEARNING_RATE", "0e5"),
                                               ("NUM_EPOCHS", "-1"), ("BLOCK_SIZE", "1k")])
 def test_bad_environment_values_are_refused(fake, variable, value):
     result = fake.run(**{variable: value})
@@ -346,3 +347,17 @@ def test_an_uninstalled_package_is_one_line_before_training(fake):
     assert result.returncode == 2 and not fake.called()
     assert result.stderr.strip().splitlines() == [f"Error: the dense_ft package is not installed for python: "
                                                   f"pip install -e {REPO_ROOT}"]
+
+
+def test_teacher_model_turns_on_distillation(fake, tmp_path):
+    teacher = tmp_path / "dense model"
+    teacher.mkdir()
+    result = fake.run(TEACHER_MODEL=str(teacher))
+    assert result.returncode == 0, result.stderr
+    assert f"Teacher model: {teacher} (distillation)\n" in result.stdout
+    assert flag_value(fake.argv("python"), "--teacher_model") == str(teacher)
+    missing = fake.run(TEACHER_MODEL=str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and missing.stderr.strip() == f"Error: TEACHER_MODEL not found: {tmp_path}/nowhere"
+    sharded = fake.run("--engine", "fsdp", "--num_gpus", "2", "--gpu_ids", "0,1", TEACHER_MODEL=str(teacher))
+    assert sharded.returncode == 2 and "not --engine fsdp" in sharded.stderr
+    assert fake.called() == {"python"}  # only the first run started anything

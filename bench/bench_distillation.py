@@ -1,0 +1,80 @@
+"""Recovery with distillation from the dense model against plain fine-tuning, at two budgets.
+
+On the embedded default (SmolLM2-135M pruned by Wanda to 20% of its 16x16 blocks, as
+``make demo`` does) each loss trains through ``dense_ft/finetune.py`` with the same data, seed
+and constant learning rate, steps of 4 x 256 tokens; the teacher is the dense model itself.
+Perplexity is the validation loss the Trainer measures during training (``--max_eval_samples``
+sequences of 256 tokens), read at the two budgets (``--steps`` and 4x it, from one run: the
+learning rate is constant, so step N of the long run is an N-step run). Training time excludes
+evaluations (train_runtime minus every eval_runtime); peak RSS comes from ``/usr/bin/time``.
+Cross-entropy trains longer (``--ce_steps``), so that it can be read at the wall time each
+distillation run took: "CE at equal time". Every run is one JSON line.
+
+    PYTHONPATH=scripts .venv/bin/python bench/bench_distillation.py [--steps 20 --ce_steps 144]
+"""
+
+import argparse
+import itertools
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+from bench_lora_recovery import PERPLEXITY, run
+from prepare_embedded import corpus_dir, model_dir
+
+COMMON = ["--dataset_dir", str(corpus_dir()), "--block_size", "256", "--per_device_train_batch_size", "4",
+          "--learning_rate", "5e-4", "--lr_scheduler_type", "constant", "--seed", "0", "--logging_steps", "4",
+          "--eval_strategy", "steps", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true"]
+
+
+def train(pruned: Path, output: Path, steps: int, eval_steps: int, eval_samples: int, *extra) -> dict:
+    """Validation perplexity by step, training seconds per step, peak RSS."""
+    _, _, peak_gib = run([sys.executable, "dense_ft/finetune.py", "--model_name_or_path", pruned, "--output_dir",
+                          output, *COMMON, "--max_steps", steps, "--eval_steps", eval_steps, "--max_eval_samples",
+                          eval_samples, *extra], timed=True)
+    history = json.loads((output / "trainer_state.json").read_text())["log_history"]
+    evaluations = {record["step"]: math.exp(record["eval_loss"]) for record in history if "eval_loss" in record}
+    runtime = next(record["train_runtime"] for record in history if "train_runtime" in record)
+    training = runtime - sum(record["eval_runtime"] for record in history if "eval_runtime" in record
+                             and record["step"] > 0)
+    return {"perplexity_by_step": evaluations, "seconds_per_step": training / steps, "peak_rss_gib": peak_gib}
+
+
+def at_time(curve: dict, seconds_per_step: float, seconds: float) -> float | None:
+    """The perplexity of a run at ``seconds`` of training, linear between its evaluations."""
+    points = sorted((step * seconds_per_step, value) for step, value in curve.items())
+    for (t0, p0), (t1, p1) in itertools.pairwise(points):
+        if t0 <= seconds <= t1:
+            return p0 + (p1 - p0) * (seconds - t0) / (t1 - t0)
+    return None  # beyond the run
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20, help="the small budget; the large one is 4x")
+    parser.add_argument("--ce_steps", type=int, default=144, help="steps of the cross-entropy run")
+    parser.add_argument("--losses", default="kl,kl+ce,squarehead")
+    parser.add_argument("--eval_samples", type=int, default=48)
+    args = parser.parse_args()
+    budgets = (args.steps, 4 * args.steps)
+    work = Path(tempfile.mkdtemp(prefix="distillation_"))
+    pruned = work / "pruned_model"
+    run([sys.executable, "main_block.py", "--model", model_dir(), "--calib_dataset", corpus_dir(), *PERPLEXITY,
+         "--sparsity_ratio", "0.2", "--nsamples", "16", "--save", work / "pruned", "--save_model", pruned])
+
+    ce = train(pruned, work / "ce", args.ce_steps, 10, args.eval_samples)
+    print(json.dumps({"loss": "ce", **ce}), flush=True)
+    for loss in args.losses.split(","):
+        result = train(pruned, work / loss, budgets[1], args.steps, args.eval_samples, "--teacher_model",
+                       model_dir(), "--distill_loss", loss)
+        row = {"loss": loss, **result, "time_vs_ce": result["seconds_per_step"] / ce["seconds_per_step"]}
+        for budget in budgets:
+            row[f"ce_at_equal_time_{budget}"] = at_time(ce["perplexity_by_step"], ce["seconds_per_step"],
+                                                        budget * result["seconds_per_step"])
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Distillation from the dense model while the pruned model fine-tunes.
+
+``--teacher_model`` (the dense original, or any model with the same tokenizer) and
+``--distill_loss``:
+
+- ``kl``: the token-level KL(teacher || student) of the next-token distributions at temperature
+  ``T`` (times ``T**2``, so that gradients keep their scale);
+- ``kl+ce``: the cross-entropy plus ``distill_weight`` x the KL;
+- ``squarehead``: the KL plus ``distill_weight`` x SquareHead (Kurtic et al. 2023): for every
+  decoder layer, the mean squared error of the student's hidden states against the teacher's,
+  divided by the variance of the teacher's, averaged over the layers.
+
+The teacher runs without gradients in the training precision, is not part of the model the
+Trainer saves or optimizes, and never holds more than ``distill_chunk_tokens`` positions of
+logits: it returns hidden states, and each chunk's logits and KL are recomputed in backward
+instead of kept. Evaluation stays the plain cross-entropy, so perplexities compare across
+runs. Each logged step carries the cross-entropy and each distillation term.
+"""
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .errors import UserError
+from .modeling import DTYPES, load_model
+from .sparse_lora import SparseLoraTrainer
+from .sparse_trainer import SparseTrainer
+
+LOSSES = ("kl", "kl+ce", "squarehead")
+
+
+@dataclass
+class DistillationArguments:
+    teacher_model: str | None = field(default=None, metadata={
+        "help": "Dense teacher to distill from (a local directory or a Hub id); off when not given."})
+    distill_loss: str = field(default="kl+ce", metadata={"help": "What to optimize with a teacher.",
+                                                         "choices": list(LOSSES)})
+    distill_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the KL."})
+    distill_weight: float = field(default=1.0, metadata={
+        "help": "Weight of the KL in kl+ce, of the SquareHead term in squarehead."})
+    distill_chunk_tokens: int = field(default=1024, metadata={
+        "help": "Positions of teacher logits computed at once (bounds their memory)."})
+
+    def validate(self) -> None:
+        if self.teacher_model is None:
+            return
+        if self.distill_temperature <= 0 or self.distill_weight < 0 or self.distill_chunk_tokens < 1:
+            raise UserError("distillation needs --distill_temperature > 0, --distill_weight >= 0 and "
+                            "--distill_chunk_tokens >= 1")
+
+
+def load_teacher(args: DistillationArguments, student, student_tokenizer, training_args):
+    """The teacher on this process's device, in the training precision, frozen; refuses one that does not match."""
+    if training_args.fsdp:
+        raise UserError("--teacher_model with --fsdp is not supported: every rank would hold the whole teacher "
+                        "unsharded; train with DDP (one teacher per GPU) or without a teacher")
+    dtype = "bfloat16" if training_args.bf16 else "float16" if training_args.fp16 else _dtype_name(student)
+    teacher, tokenizer = load_model(args.teacher_model, dtype)
+    check_teacher(teacher, tokenizer, student, student_tokenizer, args.distill_loss)
+    teacher.requires_grad_(False)
+    return teacher.eval().to(training_args.device)
+
+
+def _dtype_name(model) -> str:
+    return next(name for name, dtype in DTYPES.items() if dtype == model.dtype)
+
+
+def check_teacher(teacher, tokenizer, student, student_tokenizer, loss: str) -> None:
+    if teacher.config.vocab_size != student.config.vocab_size:
+        raise UserError(f"the teacher's vocabulary ({teacher.config.vocab_size} tokens) differs from the student's "
+                        f"({student.config.vocab_size}): distillation compares their next-token distributions")
+    if tokenizer.get_vocab() != student_tokenizer.get_vocab():
+        raise UserError("the teacher's tokenizer differs from the student's: their token ids would not mean the same")
+    if loss == "squarehead":
+        shapes = [(model.config.num_hidden_layers, model.config.hidden_size) for model in (teacher, student)]
+        if shapes[0] != shapes[1]:
+            raise UserError(f"squarehead compares hidden states layer by layer: the teacher has {shapes[0][0]} "
+                            f"layers of {shapes[0][1]}, the student {shapes[1][0]} of {shapes[1][1]}; use "
+                            "--distill_loss kl or kl+ce")
+
+
+def chunked_kl(student_logits: torch.Tensor, teacher_hidden: torch.Tensor, teacher_head: torch.nn.Module,
+               valid: torch.Tensor, temperature: float, chunk_tokens: int) -> torch.Tensor:
+    """Mean over ``valid`` positions of KL(teacher || student), the teacher's logits made ``chunk_tokens`` at a time.
+
+    ``student_logits`` (batch, positions, vocab) and ``teacher_hidden`` (batch, positions, hidden) are
+    aligned position by position.
+    """
+    def kl_per_position(student, hidden):
+        teacher_log = F.log_softmax(teacher_head(hidden).float() / temperature, dim=-1)
+        student_log = F.log_softmax(student.float() / temperature, dim=-1)
+        return (teacher_log.exp() * (teacher_log - student_log)).sum(-1)
+
+    total = student_logits.new_zeros((), dtype=torch.float32)
+    for row in range(student_logits.shape[0]):
+        for start in range(0, student_logits.shape[1], chunk_tokens):
+            positions = slice(start, start + chunk_tokens)
+            kl = checkpoint(kl_per_position, student_logits[row, positions], teacher_hidden[row, positions],
+                            use_reentrant=False)
+            total = total + (kl * valid[row, positions]).sum()
+    return total * temperature**2 / valid.sum().clamp(min=1)
+
+
+def squarehead(student_hidden: tuple[torch.Tensor, ...], teacher_hidden: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Mean over decoder layers of MSE(student, teacher) / Var(teacher) (the embeddings' output is left out)."""
+    terms = [(s.float() - t.float()).pow(2).mean() / t.float().var().clamp(min=1e-8)
+             for s, t in zip(student_hidden[1:], teacher_hidden[1:], strict=True)]
+    return torch.stack(terms).mean()
+
+
+class DistillationMixin:
+    """Adds the teacher's terms to a sparse trainer's training loss; list it first among the bases."""
+
+    def __init__(self, *args, teacher, distillation: DistillationArguments, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher
+        self.distillation = distillation
+        self.loss_is_scaled_for_ga = False  # per-micro-batch means: the Trainer divides by the accumulation
+        self._logged_terms = defaultdict(list)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:  # evaluation: the plain cross-entropy, comparable across runs
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        kind = self.distillation.distill_loss
+        outputs = model(**inputs, output_hidden_states=kind == "squarehead")
+        with torch.no_grad():
+            teacher = self.teacher.base_model(input_ids=inputs["input_ids"],
+                                              attention_mask=inputs.get("attention_mask"),
+                                              output_hidden_states=kind == "squarehead")
+        valid = (inputs["labels"][:, 1:] != -100).float()
+        terms = {"ce": outputs.loss,
+                 "kl": chunked_kl(outputs.logits[:, :-1], teacher.last_hidden_state[:, :-1],
+                                  self.teacher.get_output_embeddings(), valid,
+                                  self.distillation.distill_temperature, self.distillation.distill_chunk_tokens)}
+        weight = self.distillation.distill_weight
+        if kind == "kl":
+            loss = terms["kl"]
+        elif kind == "kl+ce":
+            loss = terms["ce"] + weight * terms["kl"]
+        else:
+            terms["squarehead"] = squarehead(outputs.hidden_states, teacher.hidden_states)
+            loss = terms["kl"] + weight * terms["squarehead"]
+        for name, value in terms.items():
+            self._logged_terms[name].append(value.detach())
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._logged_terms:  # a training log: the mean of each term since the last one
+            logs.update({f"{name}_loss": torch.stack(values).mean().item()
+                         for name, values in self._logged_terms.items()})
+            self._logged_terms.clear()
+        super().log(logs, start_time)
+
+
+class DistillingSparseTrainer(DistillationMixin, SparseTrainer):
+    """``SparseTrainer`` learning from a teacher as well."""
+
+
+class DistillingSparseLoraTrainer(DistillationMixin, SparseLoraTrainer):
+    """``SparseLoraTrainer`` learning from a teacher as well."""

@@ -1,0 +1,128 @@
+"""Distillation from a dense teacher: the teacher never trains, the sparsity holds, a mismatched teacher is refused."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from datasets import Dataset
+from safetensors import safe_open
+from test_faults import finetune
+from tiny_models import tiny_llama
+from torch.nn import functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+from dense_ft.distillation import (
+    DistillationArguments,
+    DistillingSparseLoraTrainer,
+    DistillingSparseTrainer,
+    check_teacher,
+    chunked_kl,
+)
+from dense_ft.errors import UserError
+from dense_ft.masks import SparsityMasks
+from dense_ft.sparse_lora import LLAMA_TARGET_MODULES, add_sparse_lora, lora_config
+from dense_ft.sparsity import prunable_linears
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, tokenizer):
+    """The dense original of ``tiny_pruned_dir`` (same seed, nothing zeroed)."""
+    path = tmp_path_factory.mktemp("teacher")
+    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_chunked_kl_is_the_kl_and_its_gradient():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=False)
+    student = torch.randn(2, 7, 50, requires_grad=True)
+    hidden = torch.randn(2, 7, 8)
+    valid = torch.ones(2, 7)
+    valid[1, 5:] = 0
+    chunked = chunked_kl(student, hidden, head, valid, temperature=2.0, chunk_tokens=3)
+    teacher_log = F.log_softmax(head(hidden) / 2.0, -1)
+    per_position = F.kl_div(F.log_softmax(student / 2.0, -1), teacher_log, log_target=True, reduction="none").sum(-1)
+    direct = (per_position * valid).sum() / valid.sum() * 4.0
+    assert torch.allclose(chunked, direct, atol=1e-6)
+    (chunked_grad,) = torch.autograd.grad(chunked, student)
+    (direct_grad,) = torch.autograd.grad(direct, student)
+    assert torch.allclose(chunked_grad, direct_grad, atol=1e-6) and chunked_grad[1, 5:].abs().max() == 0
+
+
+def token_blocks(vocab_size: int, count: int = 8, length: int = 32) -> Dataset:
+    ids = torch.randint(vocab_size, (count, length), generator=torch.Generator().manual_seed(0)).tolist()
+    return Dataset.from_dict({"input_ids": ids, "labels": ids})
+
+
+@pytest.mark.parametrize("loss, method", [("kl", "full"), ("kl+ce", "full"), ("squarehead", "full"),
+                                          ("kl+ce", "lora")])
+def test_the_teacher_never_trains_and_the_sparsity_holds(loss, method, tmp_path, tiny_pruned_dir, teacher_dir):
+    student = AutoModelForCausalLM.from_pretrained(tiny_pruned_dir)
+    before = {name: linear.weight.detach().clone() for name, linear in prunable_linears(student).items()}
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).requires_grad_(False).eval()
+    teacher_before = {name: p.detach().clone() for name, p in teacher.state_dict().items()}
+    args = TrainingArguments(tmp_path / "out", max_steps=2, save_steps=2, per_device_train_batch_size=2,
+                             gradient_accumulation_steps=2, learning_rate=1e-3, report_to="none", logging_steps=1)
+    kwargs = dict(args=args, train_dataset=token_blocks(student.config.vocab_size), teacher=teacher,
+                  distillation=DistillationArguments(teacher_model=str(teacher_dir), distill_loss=loss,
+                                                     distill_chunk_tokens=8))
+    if method == "full":
+        trainer = DistillingSparseTrainer(model=student, **kwargs)
+    else:
+        masks = SparsityMasks(student)
+        trainer = DistillingSparseLoraTrainer(model=add_sparse_lora(student, lora_config(4, 8, 0.0, LLAMA_TARGET_MODULES)), masks=masks,
+                                              **kwargs)
+    trainer.train()
+
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert not optimized & {id(p) for p in teacher.parameters()} and not trainer.optimizer.state.keys() & set(
+        teacher.parameters())
+    assert all(torch.equal(p, teacher_before[name]) for name, p in teacher.state_dict().items())
+    saved = next((tmp_path / "out" / "checkpoint-2").glob("*.safetensors"))
+    with safe_open(saved, "pt") as file:
+        assert file.keys() and not any("teacher" in key for key in file.keys())
+    assert all(f"{term}_loss" in trainer.state.log_history[0] for term in ("ce", "kl"))
+    assert ("squarehead_loss" in trainer.state.log_history[0]) == (loss == "squarehead")
+
+    model = trainer.model.merge_and_unload() if method == "lora" else student
+    assert trainer.masks.violations(model) == {}
+    assert any(not torch.equal(linear.weight, before[name]) for name, linear in prunable_linears(model).items())
+
+
+def test_a_mismatched_teacher_is_refused(tmp_path, tokenizer):
+    student = tiny_llama(vocab_size=len(tokenizer))
+    with pytest.raises(UserError, match=r"the teacher's vocabulary \(256 tokens\) differs from the student's"):
+        check_teacher(tiny_llama(), tokenizer, student, tokenizer, "kl")
+    other_tokenizer = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    other_tokenizer.add_tokens(["<not in the student's>"])
+    with pytest.raises(UserError, match="the teacher's tokenizer differs from the student's"):
+        check_teacher(tiny_llama(vocab_size=len(tokenizer)), other_tokenizer, student, tokenizer, "kl")
+    deeper = tiny_llama(vocab_size=len(tokenizer), layers=3)
+    check_teacher(deeper, tokenizer, student, tokenizer, "kl+ce")  # logits only: any depth
+    with pytest.raises(UserError, match="the teacher has 3 layers of 64, the student 2 of 64"):
+        check_teacher(deeper, tokenizer, student, tokenizer, "squarehead")
+
+
+def test_finetune_with_a_teacher_logs_each_term(tmp_path, tiny_pruned_dir, teacher_dir, small_corpus_dir, capsys):
+    output = tmp_path / "out"
+    status, out, err = finetune(capsys, tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 2,
+                                "--teacher_model", teacher_dir, "--distill_loss", "kl+ce")
+    assert status == 0, err[-2000:]
+    assert f"Distilling from {teacher_dir}: loss kl+ce, temperature 1, weight 1" in out
+    assert "Step 2: loss=" in out and ", kl=" in out and "(ce=" in out
+    assert "Sparsity maintained: yes" in out and "| teacher |" in (output / "README.md").read_text()
+    history = json.loads((output / "trainer_state.json").read_text())["log_history"]
+    step = next(record for record in history if "kl_loss" in record)
+    assert step["loss"] == pytest.approx(step["ce_loss"] + step["kl_loss"], rel=1e-3)
+
+    deeper = tmp_path / "deeper teacher"
+    tiny_llama(vocab_size=len(AutoTokenizer.from_pretrained(teacher_dir)), layers=3).save_pretrained(deeper)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(teacher_dir / name, deeper)
+    status, _, err = finetune(capsys, tiny_pruned_dir, small_corpus_dir, tmp_path / "refused", "--max_steps", 2,
+                              "--teacher_model", deeper, "--distill_loss", "squarehead")
+    assert status == 2 and err.strip().splitlines()[-1].startswith("error: squarehead compares hidden states")
+
