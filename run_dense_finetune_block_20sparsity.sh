@@ -432,20 +432,22 @@ EOF
 # training, once), then waits for it to save its checkpoint and exit. Sets STATUS; a run stopped
 # by a signal ends with 130 whatever torchrun itself returns.
 run_training() {
-    local forwarded=0
+    local forwarded=""
+    CHILD_PID=""
+    trap 'forwarded=INT; [[ -z $CHILD_PID ]] || kill -INT "$CHILD_PID" 2> /dev/null || true' INT
+    trap 'forwarded=TERM; [[ -z $CHILD_PID ]] || kill -TERM "$CHILD_PID" 2> /dev/null || true' TERM
     set -m
     "${COMMAND[@]}" &
     CHILD_PID=$!
     set +m
-    trap 'forwarded=1; kill -INT "$CHILD_PID" 2> /dev/null || true' INT
-    trap 'forwarded=1; kill -TERM "$CHILD_PID" 2> /dev/null || true' TERM
+    [[ -z $forwarded ]] || kill -"$forwarded" "$CHILD_PID" 2> /dev/null || true  # one that came before the start
     while :; do
         STATUS=0
         wait "$CHILD_PID" || STATUS=$?
         kill -0 "$CHILD_PID" 2> /dev/null || break
     done
     trap - INT TERM
-    (( ! forwarded || STATUS == 0 )) || STATUS=130
+    [[ -z $forwarded ]] || (( STATUS == 0 )) || STATUS=130
 }
 
 main() {

@@ -10,7 +10,7 @@ evaluations (train_runtime minus every eval_runtime); peak RSS comes from ``/usr
 Cross-entropy trains longer (``--ce_steps``), so that it can be read at the wall time each
 distillation run took: "CE at equal time". Every run is one JSON line.
 
-    PYTHONPATH=scripts .venv/bin/python bench/bench_distillation.py [--steps 20 --ce_steps 144]
+    PYTHONPATH=scripts .venv/bin/python bench/bench_distillation.py [--steps 10 --ce_steps 72]
 """
 
 import argparse
@@ -37,8 +37,7 @@ def train(pruned: Path, output: Path, steps: int, eval_steps: int, eval_samples:
     history = json.loads((output / "trainer_state.json").read_text())["log_history"]
     evaluations = {record["step"]: math.exp(record["eval_loss"]) for record in history if "eval_loss" in record}
     runtime = next(record["train_runtime"] for record in history if "train_runtime" in record)
-    training = runtime - sum(record["eval_runtime"] for record in history if "eval_runtime" in record
-                             and record["step"] > 0)
+    training = runtime - sum(record["eval_runtime"] for record in history if "eval_runtime" in record)
     return {"perplexity_by_step": evaluations, "seconds_per_step": training / steps, "peak_rss_gib": peak_gib}
 
 
@@ -53,8 +52,8 @@ def at_time(curve: dict, seconds_per_step: float, seconds: float) -> float | Non
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20, help="the small budget; the large one is 4x")
-    parser.add_argument("--ce_steps", type=int, default=144, help="steps of the cross-entropy run")
+    parser.add_argument("--steps", type=int, default=10, help="the small budget; the large one is 4x")
+    parser.add_argument("--ce_steps", type=int, default=72, help="steps of the cross-entropy run")
     parser.add_argument("--losses", default="kl,kl+ce,squarehead")
     parser.add_argument("--eval_samples", type=int, default=48)
     args = parser.parse_args()
@@ -64,7 +63,7 @@ def main():
     run([sys.executable, "main_block.py", "--model", model_dir(), "--calib_dataset", corpus_dir(), *PERPLEXITY,
          "--sparsity_ratio", "0.2", "--nsamples", "16", "--save", work / "pruned", "--save_model", pruned])
 
-    ce = train(pruned, work / "ce", args.ce_steps, 10, args.eval_samples)
+    ce = train(pruned, work / "ce", args.ce_steps, args.steps, args.eval_samples)
     print(json.dumps({"loss": "ce", **ce}), flush=True)
     for loss in args.losses.split(","):
         result = train(pruned, work / loss, budgets[1], args.steps, args.eval_samples, "--teacher_model",

@@ -18,6 +18,9 @@ Recipes (weights / optimizer states / what happens to small updates):
   lora-sparse    sparse LoRA (rank 8 on q, k, v, o, gate, up, down; bf16 base, fp32 adapters): its step
                  time against lora-plain's, its peak memory against the 24 GB goal
   lora-plain     PEFT's plain LoRA with the same settings (not sparse after a merge): the reference
+  bf16-distill   bf16 with a dense bf16 teacher (--distill_loss kl+ce): its step time against bf16's
+                 (goal <= 1.35x), its peak memory
+  8bit-sr-distill  8bit-sr with the teacher: peak memory against one 80 GB GPU
 The 8-bit and 4-bit recipes need ``pip install torchao==0.18.0``.
 """
 
@@ -49,12 +52,14 @@ RECIPES = {  # recipe -> TrainingArguments overrides
     "4bit-sr": {"optim": "adamw_torch_4bit", "optim_args": STOCHASTIC_ROUNDING},
     "lora-sparse": {},
     "lora-plain": {},
+    "bf16-distill": {},
+    "8bit-sr-distill": {"optim": "adamw_torch_8bit", "optim_args": STOCHASTIC_ROUNDING},
 }
 # Bytes per parameter that FSDP2 would shard: bf16 weights + bf16 gradients + optimizer states.
 SHARDED_BYTES_PER_PARAMETER = {"bf16": 8, "bf16-unmasked": 8, "8bit-sr": 6, "4bit-sr": 5}
 
 
-def build_model(config_name: str, device: str, dtype: torch.dtype = torch.bfloat16):
+def build_model(config_name: str, device: str, dtype: torch.dtype = torch.bfloat16, pruned: bool = True):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from dense_ft.masks import prune_random_blocks
@@ -64,8 +69,18 @@ def build_model(config_name: str, device: str, dtype: torch.dtype = torch.bfloat
     with torch.device(device):
         model = LlamaForCausalLM(config)
     torch.set_default_dtype(torch.float32)
-    prune_random_blocks(model, 0.2)
+    if pruned:
+        prune_random_blocks(model, 0.2)
     return model
+
+
+def distillation(args) -> dict:
+    """The trainer class and its teacher keywords: a dense teacher of the same shape, frozen."""
+    from dense_ft.distillation import DistillationArguments, DistillingSparseTrainer
+
+    teacher = build_model(args.config, args.device, pruned=False).requires_grad_(False).eval()
+    return DistillingSparseTrainer, {"teacher": teacher, "distillation": DistillationArguments(
+        teacher_model="(in memory)", distill_loss="kl+ce")}
 
 
 def run_recipe(args) -> dict:
@@ -86,6 +101,9 @@ def run_recipe(args) -> dict:
     data = Dataset.from_dict({"input_ids": tokens, "labels": tokens})
     timer = StepTimer()
     trainer_class = Trainer if args.recipe in ("bf16-unmasked", "lora-sparse", "lora-plain") else SparseTrainer
+    teacher_kwargs = {}
+    if args.recipe.endswith("-distill"):
+        trainer_class, teacher_kwargs = distillation(args)
     with tempfile.TemporaryDirectory() as output_dir:
         training_args = TrainingArguments(
             output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch,
@@ -93,11 +111,12 @@ def run_recipe(args) -> dict:
             activation_checkpointing=args.activation_checkpointing, report_to=[], save_strategy="no",
             logging_strategy="no", disable_tqdm=True, use_cpu=args.device == "cpu", **RECIPES[args.recipe],
         )
-        trainer = trainer_class(model=model, args=training_args, train_dataset=data, callbacks=[timer])
+        trainer = trainer_class(model=model, args=training_args, train_dataset=data, callbacks=[timer],
+                                **teacher_kwargs)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
-    sparse = trainer_class is SparseTrainer
+    sparse = issubclass(trainer_class, SparseTrainer)
     if args.recipe.startswith("lora"):
         model = model.merge_and_unload()
     violations = sum(pruned_masks.violations(model).values())

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every check that needs a CUDA GPU, in one go, most wanted first: the GPU-only tests; one
-# masking pass against its floor; SparseTrainer against the plain Trainer and sparse LoRA
-# against plain LoRA, each pair in the order A B B A (7B shape); pruning with and without
-# layer offload (7B shape, 128 x 4096). Logs go to LOG_DIR (default bench_logs/); arguments
+# masking pass against its floor; SparseTrainer against the plain Trainer in the order A B B A,
+# the dense teacher's cost (bf16, and 8-bit AdamW's peak memory), sparse LoRA against plain
+# LoRA (7B shape); pruning with and without layer offload (7B shape, 128 x 4096). Logs go to LOG_DIR (default bench_logs/); arguments
 # after it replace the recipes benchmark's.
 #   bench/run_gpu_checks.sh [LOG_DIR [bench_gpu_recipes.py arguments...]]
 set -uo pipefail
@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.." || exit 1
 log_dir=${1:-bench_logs}
 shift || true
 recipes_args=("$@")
-(( ${#recipes_args[@]} )) || recipes_args=(--recipes "bf16,bf16-unmasked,bf16-unmasked,bf16,lora-sparse,lora-plain,lora-plain,lora-sparse")
+(( ${#recipes_args[@]} )) || recipes_args=(--recipes "bf16,bf16-unmasked,bf16-unmasked,bf16,bf16-distill,8bit-sr-distill,lora-sparse,lora-plain")
 python=${PYTHON:-python}
 # The package and scripts/ from this checkout, whether or not the device's Python has it installed.
 export PYTHONPATH="$PWD:$PWD/scripts${PYTHONPATH:+:$PYTHONPATH}"

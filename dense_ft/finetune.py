@@ -465,7 +465,7 @@ def save_and_report(trainer: SparseTrainer | SparseLoraTrainer, train_metrics: d
 
 
 def main(argv=None) -> None:
-    # Started in the background by a shell script, a process ignores SIGINT; the launcher forwards it here.
+    # A process a script starts with `&` ignores SIGINT: take it back, for the scripts that pass Ctrl+C on.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     with exit_on_user_error():
         model_args, data_args, lora_args, distill_args, training_args = parse_args(argv)
