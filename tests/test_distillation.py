@@ -72,8 +72,8 @@ def test_the_teacher_never_trains_and_the_sparsity_holds(loss, method, tmp_path,
         trainer = DistillingSparseTrainer(model=student, **kwargs)
     else:
         masks = SparsityMasks(student)
-        trainer = DistillingSparseLoraTrainer(model=add_sparse_lora(student, lora_config(4, 8, 0.0, LLAMA_TARGET_MODULES)), masks=masks,
-                                              **kwargs)
+        adapted = add_sparse_lora(student, lora_config(4, 8, 0.0, LLAMA_TARGET_MODULES))
+        trainer = DistillingSparseLoraTrainer(model=adapted, masks=masks, **kwargs)
     trainer.train()
 
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
