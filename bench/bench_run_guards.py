@@ -10,6 +10,7 @@ run: the weights fingerprint that identifies it, and the lock on the output dire
 import argparse
 import json
 import tempfile
+from types import SimpleNamespace
 
 import torch
 from step_timer import median_seconds
@@ -47,7 +48,7 @@ def main() -> None:
     settings = parser.parse_args()
     model = load(settings.config, settings.device)
     device = torch.device(settings.device)
-    args = type("Args", (), {"fp16": False, "learning_rate": 5e-5, "device": device})()
+    args = SimpleNamespace(fp16=False, learning_rate=5e-5, device=device)
     losses = [torch.rand((), device=device) for _ in range(settings.accumulation)]
     grad_norm = torch.rand((), device=device)
     guard = NonFiniteGuard()

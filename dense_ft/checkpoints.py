@@ -16,12 +16,15 @@ import re
 import shutil
 
 import torch
+from safetensors import SafetensorError
 
 from .errors import UserError
 
 MARKER = "dense_ft_checkpoint.json"
 INCOMPLETE_PREFIX = "incomplete-"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# What a failed save raises: the OS, torch.save, safetensors.
+SAVE_ERRORS = (OSError, RuntimeError, SafetensorError)
 # Below this much free space after a failed write, the write failed for space.
 _NEARLY_FULL_BYTES = 16 * 2**20
 
@@ -108,6 +111,14 @@ def out_of_space(error: BaseException, directory: str) -> bool:
             return True
         error = error.__cause__ or error.__context__
     return free_bytes(directory) < _NEARLY_FULL_BYTES
+
+
+def full_disk_error(error: BaseException, directory: str, what: str, consequence: str) -> UserError | None:
+    """The one line for a save of ``what`` that failed for space (None when it failed for another reason)."""
+    if not out_of_space(error, directory):
+        return None
+    return UserError(f"no space left on the device while saving {what} ({gib(free_bytes(directory))} free): "
+                     f"{consequence}")
 
 
 def free_bytes(directory: str) -> int:

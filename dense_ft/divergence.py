@@ -30,14 +30,15 @@ class NonFiniteGuard:
             raise UserError(f"--nonfinite_patience must be 0 or more, got {patience}")
         self.patience = patience
         self.bad_steps = 0
-        self._loss_not_finite = torch.tensor(False)  # over the micro-batches, on the device: no sync per micro-batch
+        self._loss_not_finite = None  # over the micro-batches, on the loss's device: no sync per micro-batch
 
     def record_loss(self, loss: torch.Tensor) -> None:
-        self._loss_not_finite = self._loss_not_finite.to(loss.device) | ~torch.isfinite(loss.detach()).all()
+        not_finite = ~torch.isfinite(loss.detach()).all()
+        self._loss_not_finite = not_finite if self._loss_not_finite is None else self._loss_not_finite | not_finite
 
     def _problem(self, grad_norm, args) -> torch.Tensor:
-        problem = self._loss_not_finite.float() * _NOT_FINITE
-        self._loss_not_finite = torch.tensor(False)
+        flag, self._loss_not_finite = self._loss_not_finite, None
+        problem = torch.zeros(()) if flag is None else flag.float() * _NOT_FINITE
         if grad_norm is None:
             return problem
         if hasattr(grad_norm, "full_tensor"):  # FSDP2

@@ -26,7 +26,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import chain
 
-from safetensors import SafetensorError
 from transformers import (
     HfArgumentParser,
     Trainer,
@@ -38,12 +37,13 @@ from transformers import (
 from transformers.trainer import TRAINER_STATE_NAME
 
 from dense_ft.checkpoints import (
+    SAVE_ERRORS,
     check_belongs_to_run,
     check_free_space,
     checkpoint_bytes,
+    full_disk_error,
     is_complete,
     latest_complete_checkpoint,
-    out_of_space,
     weights_fingerprint,
 )
 from dense_ft.distillation import (
@@ -430,13 +430,14 @@ def save_final_model(trainer: SparseTrainer | SparseLoraTrainer) -> None:
             trainer.save_merged_model()
         else:
             trainer.save_model()
-    except (OSError, RuntimeError, SafetensorError) as error:
-        if not out_of_space(error, output_dir):
-            raise
+    except SAVE_ERRORS as error:
         kept, _ = latest_complete_checkpoint(output_dir, move_incomplete=False)
-        raise UserError(f"no space left on the device while saving the final model to {output_dir}: "
-                        + (f"{kept} is kept; free some space and run the same command again to resume from it "
-                           "and save the model" if kept else "free some space and train again")) from error
+        full = full_disk_error(error, output_dir, f"the final model to {output_dir}",
+                               f"{kept} is kept; free some space and run the same command again to resume from it "
+                               "and save the model" if kept else "free some space and train again")
+        if full is None:
+            raise
+        raise full from error
 
 
 def save_and_report(trainer: SparseTrainer | SparseLoraTrainer, train_metrics: dict) -> tuple[dict[str, int], float]:

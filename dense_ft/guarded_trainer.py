@@ -10,12 +10,10 @@
 import os
 import shutil
 
-from safetensors import SafetensorError
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .checkpoints import free_bytes, gib, mark_complete, out_of_space
+from .checkpoints import SAVE_ERRORS, full_disk_error, mark_complete
 from .divergence import NonFiniteGuard
-from .errors import UserError
 
 
 class GuardedTrainingMixin:
@@ -46,15 +44,14 @@ class GuardedTrainingMixin:
         checkpoint = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         try:
             super()._save_checkpoint(model, trial)
-        except (OSError, RuntimeError, SafetensorError) as error:
-            if not out_of_space(error, checkpoint):
+        except SAVE_ERRORS as error:
+            full = full_disk_error(error, checkpoint, checkpoint, "the incomplete checkpoint was removed and the "
+                                   "previous one kept; free some space and run the same command again to resume")
+            if full is None:
                 raise
-            free = free_bytes(checkpoint)
             if self.args.should_save:
                 shutil.rmtree(checkpoint, ignore_errors=True)
-            raise UserError(f"no space left on the device while saving {checkpoint} ({gib(free)} free): the "
-                            "incomplete checkpoint was removed and the previous one kept; free some space and "
-                            "run the same command again to resume") from error
+            raise full from error
         self.accelerator.wait_for_everyone()  # every rank's part is written
         if self.args.should_save:
             mark_complete(checkpoint, self.run_identity)

@@ -188,7 +188,6 @@ class SparsityMasks:
     """
 
     def __init__(self, model: nn.Module, block_size: int | None = None):
-        pattern = None
         if block_size is None:
             pattern = sparsity_pattern(model.config) if hasattr(model, "config") else None
             if pattern is not None:

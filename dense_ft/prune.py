@@ -14,8 +14,8 @@ import os
 import time
 
 import torch
-from safetensors import SafetensorError
 
+from .checkpoints import SAVE_ERRORS
 from .errors import UserError, exit_on_user_error
 from .evaluation import (
     ZERO_SHOT_TASKS,
@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> dict:
 def save_pruned_model(args: argparse.Namespace, model, tokenizer, results: dict) -> None:
     try:
         save_model(model, tokenizer, args.save_model)
-    except (OSError, RuntimeError, SafetensorError) as error:
+    except SAVE_ERRORS as error:
         raise UserError(f"cannot save the model to {args.save_model}: {str(error).splitlines()[0]}"
                         + (f" (the results are saved in {args.save})" if args.save else "")) from error
     write_pruned_card(args, model, results)
