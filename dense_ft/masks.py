@@ -2,8 +2,9 @@
 
 A weight whose zeros are whole ``b x b`` blocks (what block pruning leaves) gets a
 ``BlockMask``: the coordinates of its pruned blocks, kept from capture, so that a pass over
-the weight (or its gradient) is one indexed write of exactly those blocks, with no index to
-recompute and no full-size temporary. Any other pattern of zeros gets an ``ElementMask``:
+the weight (or its gradient) writes exactly those blocks, with no index to recompute and no
+full-size temporary: on the CPU all matrices in one call of a native kernel (``block_zero``),
+elsewhere one indexed write per matrix. Any other pattern of zeros gets an ``ElementMask``:
 one bool per weight.
 
 Which zeros are pruned: those of the blocks a model's ``sparsity_pattern`` names. A model
@@ -18,6 +19,7 @@ import warnings
 import torch
 from torch import nn
 
+from . import block_zero
 from .errors import UserError
 from .sparsity import (
     PATTERN_KEY,
@@ -45,8 +47,13 @@ class BlockMask:
     def __init__(self, pruned_blocks: torch.Tensor, block_size: int):
         self.grid = tuple(pruned_blocks.shape)
         self.block_size = block_size
+        self.shape = torch.Size(size * block_size for size in self.grid)
         rows, cols = pruned_blocks.nonzero(as_tuple=True)
-        self.block_rows, self.block_cols = rows.to(torch.int32), cols.to(torch.int32)
+        self._set_blocks(rows.to(torch.int32), cols.to(torch.int32))
+
+    def _set_blocks(self, rows: torch.Tensor, cols: torch.Tensor) -> None:
+        self.block_rows, self.block_cols = rows, cols
+        self._kernel_blocks = block_zero.describe_blocks(rows, cols, self.block_size) if rows.is_cpu else None
 
     @property
     def pruned_blocks(self) -> torch.Tensor:
@@ -67,8 +74,20 @@ class BlockMask:
         b = self.block_size
         return tensor.view(rows, b, cols, b)
 
+    def native_job(self, tensor: torch.Tensor) -> tuple | None:
+        """This mask's job for the CPU kernel (``block_zero``), or None when the kernel cannot take ``tensor``."""
+        if self._kernel_blocks and tensor.shape == self.shape and block_zero.supports(tensor, self.block_size):
+            return tensor, self._kernel_blocks
+        return None
+
     def apply_(self, tensor: torch.Tensor) -> None:
-        """Zero the pruned blocks of ``tensor``: one write of just those blocks."""
+        """Zero the pruned blocks of ``tensor``: with the CPU kernel where it can, else by indexing."""
+        job = self.native_job(tensor)
+        if job is None or not block_zero.zero_blocks_([job]):
+            self.apply_indexed_(tensor)
+
+    def apply_indexed_(self, tensor: torch.Tensor) -> None:
+        """Zero the pruned blocks of ``tensor`` with one indexed write of just those blocks (any device)."""
         self._blocked(tensor)[self.block_rows, :, self.block_cols, :] = 0
 
     def count_nonzero(self, tensor: torch.Tensor) -> int:
@@ -91,7 +110,7 @@ class BlockMask:
         return ElementMask(self.dense()[start:stop])
 
     def to(self, device: torch.device) -> "BlockMask":
-        self.block_rows, self.block_cols = self.block_rows.to(device), self.block_cols.to(device)
+        self._set_blocks(self.block_rows.to(device), self.block_cols.to(device))
         return self
 
 
@@ -131,6 +150,23 @@ class ElementMask:
 
 
 Mask = BlockMask | ElementMask
+
+
+def apply_masks_(tensors_and_masks) -> None:
+    """Zero the pruned positions of each tensor: CPU block masks in one native call, the rest one by one."""
+    native, jobs, others = [], [], []
+    for tensor, mask in tensors_and_masks:
+        job = mask.native_job(tensor) if isinstance(mask, BlockMask) else None
+        if job is None:
+            others.append((tensor, mask))
+        else:
+            native.append((tensor, mask))
+            jobs.append(job)
+    if not block_zero.zero_blocks_(jobs):
+        for tensor, mask in native:
+            mask.apply_indexed_(tensor)
+    for tensor, mask in others:
+        mask.apply_(tensor)
 
 
 def shard_row_offset(weight: torch.Tensor) -> int:
@@ -241,14 +277,12 @@ class SparsityMasks:
 
     @torch.no_grad()
     def apply_to_weights(self) -> None:
-        for _, weight, mask in self._weights_and_masks():
-            mask.apply_(local_tensor(weight.data))
+        apply_masks_((local_tensor(weight.data), mask) for _, weight, mask in self._weights_and_masks())
 
     @torch.no_grad()
     def apply_to_grads(self) -> None:
-        for _, weight, mask in self._weights_and_masks():
-            if weight.grad is not None:
-                mask.apply_(local_tensor(weight.grad))
+        apply_masks_((local_tensor(weight.grad), mask) for _, weight, mask in self._weights_and_masks()
+                     if weight.grad is not None)
 
     @torch.no_grad()
     def violations(self, model: nn.Module | None = None) -> dict[str, int]:

@@ -24,6 +24,7 @@ def test_pip_install_in_a_fresh_venv_gives_the_package_and_its_console_scripts(t
                              capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert install.returncode == 0, install.stderr[-2000:]
     assert (site / "dense_ft" / "sparse_lora.py").exists()
+    assert (site / "dense_ft" / "block_zero.c").exists()  # the masking kernel's source, built on first use
     scripts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts.keys() == TOOLS.keys()
     for tool, expected in TOOLS.items():
