@@ -5,7 +5,8 @@ Builds the model of ``bench_gpu_recipes.py`` (Llama-2-7B shape by default, rando
 ``--repeats``; on the CPU that is the native kernel of ``dense_ft/block_zero.c``) and the same
 pass through PyTorch's indexed write, against their floor: one ``zero_`` of a contiguous buffer
 holding exactly the pruned blocks' bytes, in the same dtype. The three alternate, so that a
-noisy machine slows them alike.
+noisy machine slows them alike. On a GPU the pass is also replayed from a CUDA graph (one
+capture of all its small kernels: the weights never move), which is timed with them.
 
     python bench/bench_masking.py                                                  # 7B shape, bf16, cuda
     python bench/bench_masking.py --config smollm2-135m --device cpu --dtype float32  # the embedded default's
@@ -23,13 +24,26 @@ from dense_ft.masks import SparsityMasks, local_tensor
 from dense_ft.modeling import DTYPES
 
 
+def captured_in_cuda_graph(function):
+    """``function`` captured once in a CUDA graph (warmed up on a side stream first), as its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        function()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        function()
+    return graph.replay
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=CONFIGS, default="llama2-7b")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=3, help="alternations of the three timings")
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of the timings")
     args = parser.parse_args()
     dtype = DTYPES[args.dtype]
     masks = SparsityMasks(build_model(args.config, args.device, dtype))
@@ -39,20 +53,34 @@ def main():
         for name, mask in masks.masks.items():
             mask.apply_indexed_(local_tensor(masks.linears[name].weight.data))
 
-    timings = {"pass": [], "indexed": [], "floor": []}
+    functions = {"pass": masks.apply_to_weights, "indexed": indexed_pass, "floor": pruned.zero_}
+    graph_error = None
+    if args.device.startswith("cuda"):
+        try:
+            functions["cuda_graph"] = captured_in_cuda_graph(masks.apply_to_weights)
+        except RuntimeError as error:
+            graph_error = str(error).splitlines()[0]
+    timings = {key: [] for key in functions}
     for _ in range(args.rounds):
-        for key, function in ("pass", masks.apply_to_weights), ("indexed", indexed_pass), ("floor", pruned.zero_):
+        for key, function in functions.items():
             timings[key].append(median_seconds(function, args.repeats))
-    pass_seconds, indexed_seconds, floor_seconds = (statistics.median(timings[key]) for key in timings)
+    seconds = {key: statistics.median(values) for key, values in timings.items()}
+    pass_seconds, indexed_seconds, floor_seconds = seconds["pass"], seconds["indexed"], seconds["floor"]
     weight_bytes = sum(linear.weight.nbytes for linear in masks.linears.values())
-    print(json.dumps({"config": args.config, "device": args.device, "dtype": args.dtype, "matrices": len(masks),
-                      "weight_gib": round(weight_bytes / 2**30, 3), "pruned_gib": round(pruned.nbytes / 2**30, 3),
-                      "mask_mib": round(masks.nbytes / 2**20, 2), "pass_ms": round(pass_seconds * 1e3, 2),
-                      "indexed_ms": round(indexed_seconds * 1e3, 2), "floor_ms": round(floor_seconds * 1e3, 2),
-                      "pass_over_floor": round(pass_seconds / floor_seconds, 2),
-                      "indexed_over_floor": round(indexed_seconds / floor_seconds, 2),
-                      "rounds_ms": {key: [round(s * 1e3, 2) for s in values] for key, values in timings.items()},
-                      "weight_gib_per_s": round(weight_bytes / 2**30 / pass_seconds, 1)}))
+    report = {"config": args.config, "device": args.device, "dtype": args.dtype, "matrices": len(masks),
+              "weight_gib": round(weight_bytes / 2**30, 3), "pruned_gib": round(pruned.nbytes / 2**30, 3),
+              "mask_mib": round(masks.nbytes / 2**20, 2), "pass_ms": round(pass_seconds * 1e3, 2),
+              "indexed_ms": round(indexed_seconds * 1e3, 2), "floor_ms": round(floor_seconds * 1e3, 2),
+              "pass_over_floor": round(pass_seconds / floor_seconds, 2),
+              "indexed_over_floor": round(indexed_seconds / floor_seconds, 2),
+              "rounds_ms": {key: [round(s * 1e3, 2) for s in values] for key, values in timings.items()},
+              "weight_gib_per_s": round(weight_bytes / 2**30 / pass_seconds, 1)}
+    if "cuda_graph" in seconds:
+        report["cuda_graph_ms"] = round(seconds["cuda_graph"] * 1e3, 2)
+        report["cuda_graph_over_floor"] = round(seconds["cuda_graph"] / floor_seconds, 2)
+    if graph_error:
+        report["cuda_graph_error"] = graph_error
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":
