@@ -2,15 +2,16 @@
 
 On the embedded default (SmolLM2-135M pruned by Wanda to 20% of its 16x16 blocks, as
 ``make demo`` does) each loss trains through ``dense_ft/finetune.py`` with the same data, seed
-and constant learning rate, steps of 4 x 256 tokens; the teacher is the dense model itself.
-Perplexity is the validation loss the Trainer measures during training (``--max_eval_samples``
-sequences of 256 tokens), read at the two budgets (``--steps`` and 4x it, from one run: the
-learning rate is constant, so step N of the long run is an N-step run). Training time excludes
+and constant learning rate, steps of the demo's size (2 x 256 tokens, accumulated 4 times);
+the teacher is the dense model itself. Perplexity is the validation loss the Trainer measures
+every ``--eval_steps`` (``--eval_samples`` sequences of 256 tokens), read at each of
+``--budgets`` (the demo's 40 steps and 4x it by default, from one run: the learning rate is
+constant, so step N of the long run is an N-step run). Training time excludes
 evaluations (train_runtime minus every eval_runtime); peak RSS comes from ``/usr/bin/time``.
 Cross-entropy trains longer (``--ce_steps``), so that it can be read at the wall time each
 distillation run took: "CE at equal time". Every run is one JSON line.
 
-    PYTHONPATH=scripts .venv/bin/python bench/bench_distillation.py [--steps 10 --ce_steps 72]
+    PYTHONPATH=scripts .venv/bin/python bench/bench_distillation.py [--budgets 40 --ce_steps 76]
 """
 
 import argparse
@@ -24,7 +25,8 @@ from pathlib import Path
 from bench_lora_recovery import PERPLEXITY, run
 from prepare_embedded import corpus_dir, model_dir
 
-COMMON = ["--dataset_dir", str(corpus_dir()), "--block_size", "256", "--per_device_train_batch_size", "4",
+COMMON = ["--dataset_dir", str(corpus_dir()), "--block_size", "256", "--per_device_train_batch_size", "2",
+          "--gradient_accumulation_steps", "4",
           "--learning_rate", "5e-4", "--lr_scheduler_type", "constant", "--seed", "0", "--logging_steps", "4",
           "--eval_strategy", "steps", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true"]
 
@@ -52,21 +54,22 @@ def at_time(curve: dict, seconds_per_step: float, seconds: float) -> float | Non
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10, help="the small budget; the large one is 4x")
-    parser.add_argument("--ce_steps", type=int, default=72, help="steps of the cross-entropy run")
-    parser.add_argument("--losses", default="kl,kl+ce,squarehead")
+    parser.add_argument("--budgets", default="40,160", help="optimizer steps at which to compare the losses")
+    parser.add_argument("--ce_steps", type=int, default=304, help="steps of the cross-entropy run")
+    parser.add_argument("--losses", default="kl+ce,squarehead,kl")
+    parser.add_argument("--eval_steps", type=int, default=10)
     parser.add_argument("--eval_samples", type=int, default=48)
     args = parser.parse_args()
-    budgets = (args.steps, 4 * args.steps)
+    budgets = [int(budget) for budget in args.budgets.split(",")]
     work = Path(tempfile.mkdtemp(prefix="distillation_"))
     pruned = work / "pruned_model"
     run([sys.executable, "main_block.py", "--model", model_dir(), "--calib_dataset", corpus_dir(), *PERPLEXITY,
          "--sparsity_ratio", "0.2", "--nsamples", "16", "--save", work / "pruned", "--save_model", pruned])
 
-    ce = train(pruned, work / "ce", args.ce_steps, args.steps, args.eval_samples)
+    ce = train(pruned, work / "ce", args.ce_steps, args.eval_steps, args.eval_samples)
     print(json.dumps({"loss": "ce", **ce}), flush=True)
     for loss in args.losses.split(","):
-        result = train(pruned, work / loss, budgets[1], args.steps, args.eval_samples, "--teacher_model",
+        result = train(pruned, work / loss, max(budgets), args.eval_steps, args.eval_samples, "--teacher_model",
                        model_dir(), "--distill_loss", loss)
         row = {"loss": loss, **result, "time_vs_ce": result["seconds_per_step"] / ce["seconds_per_step"]}
         for budget in budgets:

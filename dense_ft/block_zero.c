@@ -16,7 +16,7 @@
 #define MAX_THREADS 64
 #define MIN_BLOCKS_PER_THREAD 256 /* a thread is worth starting for about 256 KB of float32 blocks */
 
-/* One matrix: every field is an int64 so that Python passes a whole table as one tensor. */
+/* One matrix: every field is an int64, so that Python passes the whole table as one array. */
 typedef struct {
     int64_t data;        /* address of element (0, 0) */
     int64_t row_bytes;   /* bytes from one row to the next */

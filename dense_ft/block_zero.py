@@ -35,19 +35,14 @@ def supports(tensor: torch.Tensor, block_size: int) -> bool:
             and tensor.shape[1] * tensor.element_size() % ALIGNMENT == 0)
 
 
-def describe_blocks(block_rows: torch.Tensor, block_cols: torch.Tensor, block_size: int) -> tuple[int, ...]:
-    """Pruned blocks as the kernel reads them; the int32 CPU index tensors must outlive every use."""
-    if not all(index.dtype == torch.int32 and index.is_cpu and index.is_contiguous()
-               for index in (block_rows, block_cols)) or block_rows.numel() != block_cols.numel():
-        raise ValueError("the kernel reads block indices as two contiguous int32 CPU tensors of one length")
-    return block_size, block_rows.data_ptr(), block_cols.data_ptr(), block_rows.numel()
+Job = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]  # tensor, block rows, block columns, block size
 
 
-def zero_blocks_(jobs: list[tuple[torch.Tensor, tuple[int, ...]]]) -> bool:
+def zero_blocks_(jobs: list[Job]) -> bool:
     """Zero blocks of CPU tensors in one call; False (nothing done) when the kernel is unavailable.
 
-    Each job is ``(tensor, describe_blocks(...))``: the tensor must pass ``supports``, and the
-    blocks must lie inside its grid.
+    Each job is ``(tensor, block_rows, block_cols, block_size)``: the tensor must pass
+    ``supports``, and the blocks (int32 CPU tensors of one length) must lie inside its grid.
     """
     kernel = _kernel()
     if kernel is None:
@@ -60,11 +55,14 @@ def zero_blocks_(jobs: list[tuple[torch.Tensor, tuple[int, ...]]]) -> bool:
     return True
 
 
-def _describe(tensor: torch.Tensor, blocks: tuple[int, ...]) -> tuple[int, ...]:
+def _describe(tensor: torch.Tensor, block_rows: torch.Tensor, block_cols: torch.Tensor, block_size: int) -> tuple:
     """One row of the kernel's table (``matrix_t`` in block_zero.c)."""
+    if not (block_rows.dtype == block_cols.dtype == torch.int32 and block_rows.is_contiguous()
+            and block_cols.is_contiguous() and block_rows.numel() == block_cols.numel()):
+        raise ValueError("the kernel reads block indices as two contiguous int32 tensors of one length")
     element = tensor.element_size()
-    block_size, rows, cols, count = blocks
-    return tensor.data_ptr(), tensor.shape[1] * element, block_size, block_size * element, rows, cols, count
+    return (tensor.data_ptr(), tensor.shape[1] * element, block_size, block_size * element,
+            block_rows.data_ptr(), block_cols.data_ptr(), block_rows.numel())
 
 
 @functools.cache

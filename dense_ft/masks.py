@@ -49,11 +49,7 @@ class BlockMask:
         self.block_size = block_size
         self.shape = torch.Size(size * block_size for size in self.grid)
         rows, cols = pruned_blocks.nonzero(as_tuple=True)
-        self._set_blocks(rows.to(torch.int32), cols.to(torch.int32))
-
-    def _set_blocks(self, rows: torch.Tensor, cols: torch.Tensor) -> None:
-        self.block_rows, self.block_cols = rows, cols
-        self._kernel_blocks = block_zero.describe_blocks(rows, cols, self.block_size) if rows.is_cpu else None
+        self.block_rows, self.block_cols = rows.to(torch.int32), cols.to(torch.int32)
 
     @property
     def pruned_blocks(self) -> torch.Tensor:
@@ -74,10 +70,10 @@ class BlockMask:
         b = self.block_size
         return tensor.view(rows, b, cols, b)
 
-    def native_job(self, tensor: torch.Tensor) -> tuple | None:
+    def native_job(self, tensor: torch.Tensor) -> block_zero.Job | None:
         """This mask's job for the CPU kernel (``block_zero``), or None when the kernel cannot take ``tensor``."""
-        if self._kernel_blocks and tensor.shape == self.shape and block_zero.supports(tensor, self.block_size):
-            return tensor, self._kernel_blocks
+        if self.block_rows.is_cpu and tensor.shape == self.shape and block_zero.supports(tensor, self.block_size):
+            return tensor, self.block_rows, self.block_cols, self.block_size
         return None
 
     def apply_(self, tensor: torch.Tensor) -> None:
@@ -110,7 +106,7 @@ class BlockMask:
         return ElementMask(self.dense()[start:stop])
 
     def to(self, device: torch.device) -> "BlockMask":
-        self._set_blocks(self.block_rows.to(device), self.block_cols.to(device))
+        self.block_rows, self.block_cols = self.block_rows.to(device), self.block_cols.to(device)
         return self
 
 

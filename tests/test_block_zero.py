@@ -103,3 +103,13 @@ def test_the_kernel_can_be_switched_off(fresh_kernel, monkeypatch):
 def test_the_kernel_is_built_once_into_the_cache(fresh_kernel, tmp_path):
     assert block_zero._kernel() is not None
     assert [path.name.startswith("block_zero-") for path in (tmp_path / "dense_ft").iterdir()] == [True]
+
+
+@needs_compiler
+def test_indices_the_kernel_would_misread_are_refused():
+    tensor = torch.randn(32, 32)
+    rows = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="int32"):
+        block_zero.zero_blocks_([(tensor, rows, rows, BLOCK)])  # int64
+    with pytest.raises(ValueError, match="one length"):
+        block_zero.zero_blocks_([(tensor, rows.int(), rows[:1].int(), BLOCK)])
