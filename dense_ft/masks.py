@@ -78,9 +78,7 @@ class BlockMask:
 
     def apply_(self, tensor: torch.Tensor) -> None:
         """Zero the pruned blocks of ``tensor``: with the CPU kernel where it can, else by indexing."""
-        job = self.native_job(tensor)
-        if job is None or not block_zero.zero_blocks_([job]):
-            self.apply_indexed_(tensor)
+        apply_masks_([(tensor, self)])
 
     def apply_indexed_(self, tensor: torch.Tensor) -> None:
         """Zero the pruned blocks of ``tensor`` with one indexed write of just those blocks (any device)."""
@@ -150,19 +148,17 @@ Mask = BlockMask | ElementMask
 
 def apply_masks_(tensors_and_masks) -> None:
     """Zero the pruned positions of each tensor: CPU block masks in one native call, the rest one by one."""
-    native, jobs, others = [], [], []
+    native = []  # (job, mask)
     for tensor, mask in tensors_and_masks:
-        job = mask.native_job(tensor) if isinstance(mask, BlockMask) else None
-        if job is None:
-            others.append((tensor, mask))
-        else:
-            native.append((tensor, mask))
-            jobs.append(job)
-    if not block_zero.zero_blocks_(jobs):
-        for tensor, mask in native:
+        if not isinstance(mask, BlockMask):
+            mask.apply_(tensor)
+        elif (job := mask.native_job(tensor)) is None:
             mask.apply_indexed_(tensor)
-    for tensor, mask in others:
-        mask.apply_(tensor)
+        else:
+            native.append((job, mask))
+    if not block_zero.zero_blocks_([job for job, _ in native]):
+        for (tensor, *_), mask in native:
+            mask.apply_indexed_(tensor)
 
 
 def shard_row_offset(weight: torch.Tensor) -> int:
