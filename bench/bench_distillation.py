@@ -9,7 +9,8 @@ every ``--eval_steps`` (``--eval_samples`` sequences of 256 tokens), read at eac
 constant, so step N of the long run is an N-step run). Training time excludes
 evaluations (train_runtime minus every eval_runtime); peak RSS comes from ``/usr/bin/time``.
 Cross-entropy trains longer (``--ce_steps``), so that it can be read at the wall time each
-distillation run took: "CE at equal time". Every run is one JSON line.
+distillation run took: "CE at equal time"; ``--ce_results`` reads it from an earlier run's JSON
+line instead (same settings). Every run is one JSON line.
 
     PYTHONPATH=scripts .venv/bin/python bench/bench_distillation.py [--budgets 40 --ce_steps 76]
 """
@@ -56,6 +57,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", default="40,160", help="optimizer steps at which to compare the losses")
     parser.add_argument("--ce_steps", type=int, default=304, help="steps of the cross-entropy run")
+    parser.add_argument("--ce_results", type=Path, help="the CE line of an earlier run, instead of training CE")
     parser.add_argument("--losses", default="kl+ce,squarehead,kl")
     parser.add_argument("--eval_steps", type=int, default=10)
     parser.add_argument("--eval_samples", type=int, default=48)
@@ -66,8 +68,12 @@ def main():
     run([sys.executable, "main_block.py", "--model", model_dir(), "--calib_dataset", corpus_dir(), *PERPLEXITY,
          "--sparsity_ratio", "0.2", "--nsamples", "16", "--save", work / "pruned", "--save_model", pruned])
 
-    ce = train(pruned, work / "ce", args.ce_steps, args.eval_steps, args.eval_samples)
-    print(json.dumps({"loss": "ce", **ce}), flush=True)
+    if args.ce_results:
+        ce = json.loads(args.ce_results.read_text())
+        ce["perplexity_by_step"] = {int(step): value for step, value in ce["perplexity_by_step"].items()}
+    else:
+        ce = train(pruned, work / "ce", args.ce_steps, args.eval_steps, args.eval_samples)
+        print(json.dumps({"loss": "ce", **ce}), flush=True)
     for loss in args.losses.split(","):
         result = train(pruned, work / loss, max(budgets), args.eval_steps, args.eval_samples, "--teacher_model",
                        model_dir(), "--distill_loss", loss)
