@@ -148,16 +148,17 @@ Mask = BlockMask | ElementMask
 
 def apply_masks_(tensors_and_masks) -> None:
     """Zero the pruned positions of each tensor: CPU block masks in one native call, the rest one by one."""
-    native = []  # (job, mask)
+    native = []  # (tensor, mask, job) for the kernel
     for tensor, mask in tensors_and_masks:
         if not isinstance(mask, BlockMask):
             mask.apply_(tensor)
         elif (job := mask.native_job(tensor)) is None:
             mask.apply_indexed_(tensor)
         else:
-            native.append((job, mask))
-    if not block_zero.zero_blocks_([job for job, _ in native]):
-        for (tensor, *_), mask in native:
+            native.append((tensor, mask, job))
+    # Only a pass with CPU work loads the kernel: GPU runs never build it nor warn about a compiler.
+    if native and not block_zero.zero_blocks_([job for *_, job in native]):
+        for tensor, mask, _ in native:
             mask.apply_indexed_(tensor)
 
 

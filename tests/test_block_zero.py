@@ -93,6 +93,16 @@ def test_without_a_compiler_the_masks_fall_back_to_indexing_with_one_warning(fre
     assert same_bits(pairs, expected)
 
 
+def test_a_pass_with_nothing_for_the_kernel_neither_builds_it_nor_warns(fresh_kernel, monkeypatch, caplog):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    transposed = torch.randn(96, 64).t()  # as a GPU tensor, only indexing can take it
+    mask = BlockMask(torch.ones(64 // BLOCK, 96 // BLOCK, dtype=torch.bool), BLOCK)
+    with caplog.at_level(logging.WARNING, logger=block_zero.__name__):
+        apply_masks_([(transposed, mask)])
+    assert not caplog.records and block_zero._kernel.cache_info().currsize == 0
+    assert not transposed.any()
+
+
 def test_the_kernel_can_be_switched_off(fresh_kernel, monkeypatch):
     monkeypatch.setenv("DENSE_FT_NATIVE_MASKING", "0")
     assert block_zero._kernel() is None
