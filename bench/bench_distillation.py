@@ -77,6 +77,8 @@ def main():
     for loss in args.losses.split(","):
         result = train(pruned, work / loss, max(budgets), args.eval_steps, args.eval_samples, "--teacher_model",
                        model_dir(), "--distill_loss", loss)
+        if not math.isclose(result["perplexity_by_step"][0], ce["perplexity_by_step"][0], rel_tol=1e-4):
+            raise SystemExit(f"{loss}: the perplexity before fine-tuning is not CE's: another model or validation set")
         row = {"loss": loss, **result, "time_vs_ce": result["seconds_per_step"] / ce["seconds_per_step"]}
         for budget in budgets:
             row[f"ce_at_equal_time_{budget}"] = at_time(ce["perplexity_by_step"], ce["seconds_per_step"],

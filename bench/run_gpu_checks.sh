@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Every check that needs a CUDA GPU, in one go, most wanted first: the GPU-only tests; one
 # masking pass against its floor (and replayed from a CUDA graph); SparseTrainer against the
-# plain Trainer in the order A B B A, the dense teacher's cost (bf16, and 8-bit AdamW's peak memory), sparse LoRA against plain
-# LoRA (7B shape); pruning with and without layer offload (7B shape, 128 x 4096). Logs go to LOG_DIR (default bench_logs/); arguments
-# after it replace the recipes benchmark's.
+# plain Trainer in the order A B B A, the dense teacher's cost (bf16, and 8-bit AdamW's peak
+# memory), sparse LoRA against plain LoRA (7B shape); pruning with and without layer offload
+# (7B shape, 128 x 4096). Logs go to LOG_DIR (default bench_logs/); arguments after it replace
+# the recipes benchmark's.
 #   bench/run_gpu_checks.sh [LOG_DIR [bench_gpu_recipes.py arguments...]]
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
