@@ -10,7 +10,8 @@ constant, so step N of the long run is an N-step run). Training time excludes
 evaluations (train_runtime minus every eval_runtime); peak RSS comes from ``/usr/bin/time``.
 Cross-entropy trains longer (``--ce_steps``), so that it can be read at the wall time each
 distillation run took: "CE at equal time"; ``--ce_results`` reads it from an earlier run's JSON
-line instead (same settings). Every run is one JSON line.
+line instead (same settings), and ``--losses ''`` trains CE alone, so the runs of a long budget can
+be spread over several sittings. Every run is one JSON line.
 
     PYTHONPATH=scripts .venv/bin/python bench/bench_distillation.py [--budgets 40 --ce_steps 76]
 """
@@ -58,7 +59,7 @@ def main():
     parser.add_argument("--budgets", default="40,160", help="optimizer steps at which to compare the losses")
     parser.add_argument("--ce_steps", type=int, default=304, help="steps of the cross-entropy run")
     parser.add_argument("--ce_results", type=Path, help="the CE line of an earlier run, instead of training CE")
-    parser.add_argument("--losses", default="kl+ce,squarehead,kl")
+    parser.add_argument("--losses", default="kl+ce,squarehead,kl", help="distillation losses; '' trains CE alone")
     parser.add_argument("--eval_steps", type=int, default=10)
     parser.add_argument("--eval_samples", type=int, default=48)
     args = parser.parse_args()
@@ -74,7 +75,7 @@ def main():
     else:
         ce = train(pruned, work / "ce", args.ce_steps, args.eval_steps, args.eval_samples)
         print(json.dumps({"loss": "ce", **ce}), flush=True)
-    for loss in args.losses.split(","):
+    for loss in filter(None, args.losses.split(",")):
         result = train(pruned, work / loss, max(budgets), args.eval_steps, args.eval_samples, "--teacher_model",
                        model_dir(), "--distill_loss", loss)
         if not math.isclose(result["perplexity_by_step"][0], ce["perplexity_by_step"][0], rel_tol=1e-4):
