@@ -10,7 +10,7 @@
 import os
 import shutil
 
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .checkpoints import SAVE_ERRORS, full_disk_error, mark_complete
 from .divergence import NonFiniteGuard
@@ -41,7 +41,11 @@ class GuardedTrainingMixin:
         return grad_norm
 
     def _save_checkpoint(self, model, trial):
-        checkpoint = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        run_dir = self._get_output_dir(trial)
+        checkpoint = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        # The Trainer rotates old checkpoints out at the end of its save; that waits for the marker,
+        # or a kill in between would leave no complete checkpoint under --save_total_limit 1.
+        save_total_limit, self.args.save_total_limit = self.args.save_total_limit, None
         try:
             super()._save_checkpoint(model, trial)
         except SAVE_ERRORS as error:
@@ -52,6 +56,9 @@ class GuardedTrainingMixin:
             if self.args.should_save:
                 shutil.rmtree(checkpoint, ignore_errors=True)
             raise full from error
+        finally:
+            self.args.save_total_limit = save_total_limit
         self.accelerator.wait_for_everyone()  # every rank's part is written
         if self.args.should_save:
             mark_complete(checkpoint, self.run_identity)
+            rotate_checkpoints(run_dir, save_total_limit, self.state.best_model_checkpoint, use_mtime=True)

@@ -17,7 +17,8 @@ from test_launcher import LAUNCHER, system_path_without_nvidia_smi, write_execut
 from tiny_models import tiny_llama, zero_random_blocks
 from transformers import AutoModelForCausalLM
 
-from dense_ft.checkpoints import MARKER
+from dense_ft import guarded_trainer
+from dense_ft.checkpoints import MARKER, mark_complete
 from dense_ft.divergence import NonFiniteGuard, TrainingDiverged
 from dense_ft.finetune import main as finetune_main
 from dense_ft.prune import main as prune_main
@@ -63,6 +64,23 @@ def test_a_checkpoint_cut_short_by_kill_9_is_skipped_on_resume(tmp_path, tiny_pr
     assert "Skipping 1 incomplete checkpoint(s), moved aside as incomplete-*: checkpoint-6" in rerun.stdout
     assert f"Resuming from checkpoint {output / 'checkpoint-3'}" in rerun.stdout and "Step 4:" in rerun.stdout
     assert (output / "incomplete-checkpoint-6").is_dir() and (output / "checkpoint-5" / MARKER).exists()
+
+
+def test_the_old_checkpoint_is_rotated_out_only_once_the_new_one_is_complete(tmp_path, tiny_pruned_dir,
+                                                                             small_corpus_dir, capsys, monkeypatch):
+    output = tmp_path / "run"
+    complete_as_each_is_marked = []
+
+    def observed_mark_complete(checkpoint, run_identity):
+        complete_as_each_is_marked.append(sorted(path.parent.name for path in output.glob(f"checkpoint-*/{MARKER}")))
+        mark_complete(checkpoint, run_identity)
+
+    monkeypatch.setattr(guarded_trainer, "mark_complete", observed_mark_complete)
+    status, _, err = finetune(capsys, tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 3, "--save_steps", 1,
+                              "--save_total_limit", 1)
+    assert status == 0, err[-2000:]
+    assert complete_as_each_is_marked == [[], ["checkpoint-1"], ["checkpoint-2"]]  # a kill here leaves one to resume
+    assert sorted(path.name for path in output.glob("checkpoint-*")) == ["checkpoint-3"]
 
 
 # 2. Divergence was reported as success.
