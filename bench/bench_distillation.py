@@ -11,7 +11,9 @@ evaluations (train_runtime minus every eval_runtime); peak RSS comes from ``/usr
 Cross-entropy trains longer (``--ce_steps``), so that it can be read at the wall time each
 distillation run took: "CE at equal time"; ``--ce_results`` reads it from an earlier run's JSON
 line instead (same settings), and ``--losses ''`` trains CE alone, so the runs of a long budget can
-be spread over several sittings. Every run is one JSON line.
+be spread over several sittings. Every run is one JSON line, with the CPU's vector capability: two
+CPUs that differ in it step at different speeds and round differently, so a CE line from another
+one is refused.
 
     PYTHONPATH=scripts .venv/bin/python bench/bench_distillation.py [--budgets 40 --ce_steps 76]
 """
@@ -24,6 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 from bench_lora_recovery import PERPLEXITY, run
 from prepare_embedded import corpus_dir, model_dir
 
@@ -31,6 +34,7 @@ COMMON = ["--dataset_dir", str(corpus_dir()), "--block_size", "256", "--per_devi
           "--gradient_accumulation_steps", "4",
           "--learning_rate", "5e-4", "--lr_scheduler_type", "constant", "--seed", "0", "--logging_steps", "4",
           "--eval_strategy", "steps", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true"]
+CPU = torch.backends.cpu.get_cpu_capability()
 
 
 def train(pruned: Path, output: Path, steps: int, eval_steps: int, eval_samples: int, *extra) -> dict:
@@ -43,6 +47,18 @@ def train(pruned: Path, output: Path, steps: int, eval_steps: int, eval_samples:
     runtime = next(record["train_runtime"] for record in history if "train_runtime" in record)
     training = runtime - sum(record["eval_runtime"] for record in history if "eval_runtime" in record)
     return {"perplexity_by_step": evaluations, "seconds_per_step": training / steps, "peak_rss_gib": peak_gib}
+
+
+def read_ce_line(path: Path) -> dict:
+    """An earlier run's CE line, if it ran on a CPU like this one."""
+    ce = json.loads(path.read_text())
+    if "cpu" not in ce:
+        print(f"warning: {path} does not say which CPU it ran on; its times are read as if it were this one ({CPU})",
+              file=sys.stderr)
+    elif ce["cpu"] != CPU:
+        raise SystemExit(f"{path} ran on an {ce['cpu']} CPU, this one is {CPU}: its time per step does not compare")
+    ce["perplexity_by_step"] = {int(step): value for step, value in ce["perplexity_by_step"].items()}
+    return ce
 
 
 def at_time(curve: dict, seconds_per_step: float, seconds: float) -> float | None:
@@ -64,23 +80,21 @@ def main():
     parser.add_argument("--eval_samples", type=int, default=48)
     args = parser.parse_args()
     budgets = [int(budget) for budget in args.budgets.split(",")]
+    ce = read_ce_line(args.ce_results) if args.ce_results else None
     work = Path(tempfile.mkdtemp(prefix="distillation_"))
     pruned = work / "pruned_model"
     run([sys.executable, "main_block.py", "--model", model_dir(), "--calib_dataset", corpus_dir(), *PERPLEXITY,
          "--sparsity_ratio", "0.2", "--nsamples", "16", "--save", work / "pruned", "--save_model", pruned])
 
-    if args.ce_results:
-        ce = json.loads(args.ce_results.read_text())
-        ce["perplexity_by_step"] = {int(step): value for step, value in ce["perplexity_by_step"].items()}
-    else:
+    if ce is None:
         ce = train(pruned, work / "ce", args.ce_steps, args.eval_steps, args.eval_samples)
-        print(json.dumps({"loss": "ce", **ce}), flush=True)
+        print(json.dumps({"loss": "ce", **ce, "cpu": CPU}), flush=True)
     for loss in filter(None, args.losses.split(",")):
         result = train(pruned, work / loss, max(budgets), args.eval_steps, args.eval_samples, "--teacher_model",
                        model_dir(), "--distill_loss", loss)
         if not math.isclose(result["perplexity_by_step"][0], ce["perplexity_by_step"][0], rel_tol=1e-4):
             raise SystemExit(f"{loss}: the perplexity before fine-tuning is not CE's: another model or validation set")
-        row = {"loss": loss, **result, "time_vs_ce": result["seconds_per_step"] / ce["seconds_per_step"]}
+        row = {"loss": loss, **result, "cpu": CPU, "time_vs_ce": result["seconds_per_step"] / ce["seconds_per_step"]}
         for budget in budgets:
             row[f"ce_at_equal_time_{budget}"] = at_time(ce["perplexity_by_step"], ce["seconds_per_step"],
                                                         budget * result["seconds_per_step"])
