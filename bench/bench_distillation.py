@@ -38,7 +38,7 @@ CPU = torch.backends.cpu.get_cpu_capability()
 
 
 def train(pruned: Path, output: Path, steps: int, eval_steps: int, eval_samples: int, *extra) -> dict:
-    """Validation perplexity by step, training seconds per step, peak RSS."""
+    """Validation perplexity by step, training seconds per step, peak RSS, the CPU it ran on."""
     _, _, peak_gib = run([sys.executable, "dense_ft/finetune.py", "--model_name_or_path", pruned, "--output_dir",
                           output, *COMMON, "--max_steps", steps, "--eval_steps", eval_steps, "--max_eval_samples",
                           eval_samples, *extra], timed=True)
@@ -46,7 +46,8 @@ def train(pruned: Path, output: Path, steps: int, eval_steps: int, eval_samples:
     evaluations = {record["step"]: math.exp(record["eval_loss"]) for record in history if "eval_loss" in record}
     runtime = next(record["train_runtime"] for record in history if "train_runtime" in record)
     training = runtime - sum(record["eval_runtime"] for record in history if "eval_runtime" in record)
-    return {"perplexity_by_step": evaluations, "seconds_per_step": training / steps, "peak_rss_gib": peak_gib}
+    return {"perplexity_by_step": evaluations, "seconds_per_step": training / steps, "peak_rss_gib": peak_gib,
+            "cpu": CPU}
 
 
 def read_ce_line(path: Path) -> dict:
@@ -88,13 +89,13 @@ def main():
 
     if ce is None:
         ce = train(pruned, work / "ce", args.ce_steps, args.eval_steps, args.eval_samples)
-        print(json.dumps({"loss": "ce", **ce, "cpu": CPU}), flush=True)
+        print(json.dumps({"loss": "ce", **ce}), flush=True)
     for loss in filter(None, args.losses.split(",")):
         result = train(pruned, work / loss, max(budgets), args.eval_steps, args.eval_samples, "--teacher_model",
                        model_dir(), "--distill_loss", loss)
         if not math.isclose(result["perplexity_by_step"][0], ce["perplexity_by_step"][0], rel_tol=1e-4):
             raise SystemExit(f"{loss}: the perplexity before fine-tuning is not CE's: another model or validation set")
-        row = {"loss": loss, **result, "cpu": CPU, "time_vs_ce": result["seconds_per_step"] / ce["seconds_per_step"]}
+        row = {"loss": loss, **result, "time_vs_ce": result["seconds_per_step"] / ce["seconds_per_step"]}
         for budget in budgets:
             row[f"ce_at_equal_time_{budget}"] = at_time(ce["perplexity_by_step"], ce["seconds_per_step"],
                                                         budget * result["seconds_per_step"])
