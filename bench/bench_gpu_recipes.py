@@ -18,8 +18,8 @@ Recipes (weights / optimizer states / what happens to small updates):
   lora-sparse    sparse LoRA (rank 8 on q, k, v, o, gate, up, down; bf16 base, fp32 adapters): its step
                  time against lora-plain's, its peak memory against the 24 GB goal
   lora-plain     PEFT's plain LoRA with the same settings (not sparse after a merge): the reference
-  bf16-distill   bf16 with a dense bf16 teacher (the default --distill_loss kl): its step time against bf16's
-                 (goal <= 1.35x), its peak memory
+  bf16-distill   bf16 with a dense bf16 teacher (the default --distill_loss kl+ce): its step time
+                 against bf16's (goal <= 1.35x), its peak memory
   8bit-sr-distill  8bit-sr with the teacher: peak memory against one 80 GB GPU
 The 8-bit and 4-bit recipes need ``pip install torchao==0.18.0``.
 """

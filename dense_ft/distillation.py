@@ -36,7 +36,7 @@ LOSSES = ("kl", "kl+ce", "squarehead")
 class DistillationArguments:
     teacher_model: str | None = field(default=None, metadata={
         "help": "Dense teacher to distill from (a local directory or a Hub id); off when not given."})
-    distill_loss: str = field(default="kl", metadata={"help": "What to optimize with a teacher.",
+    distill_loss: str = field(default="kl+ce", metadata={"help": "What to optimize with a teacher.",
                                                       "choices": list(LOSSES)})
     distill_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the KL."})
     distill_weight: float = field(default=1.0, metadata={
