@@ -37,7 +37,7 @@ class DistillationArguments:
     teacher_model: str | None = field(default=None, metadata={
         "help": "Dense teacher to distill from (a local directory or a Hub id); off when not given."})
     distill_loss: str = field(default="kl+ce", metadata={"help": "What to optimize with a teacher.",
-                                                      "choices": list(LOSSES)})
+                                                         "choices": list(LOSSES)})
     distill_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the KL."})
     distill_weight: float = field(default=1.0, metadata={
         "help": "Weight of the KL in kl+ce, of the SquareHead term in squarehead."})

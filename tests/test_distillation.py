@@ -107,9 +107,9 @@ def test_a_mismatched_teacher_is_refused(tmp_path, tokenizer):
 
 
 def test_finetune_with_a_teacher_logs_each_term(tmp_path, tiny_pruned_dir, teacher_dir, small_corpus_dir, capsys):
-    output = tmp_path / "out"
+    output = tmp_path / "out"  # no --distill_loss: the default, kl+ce
     status, out, err = finetune(capsys, tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 2,
-                                "--teacher_model", teacher_dir, "--distill_loss", "kl+ce")
+                                "--teacher_model", teacher_dir)
     assert status == 0, err[-2000:]
     assert f"Distilling from {teacher_dir}: loss kl+ce, temperature 1, weight 1" in out
     assert "Step 2: loss=" in out and ", kl=" in out and "(ce=" in out
