@@ -2,18 +2,20 @@
 
 On the embedded default (SmolLM2-135M pruned by Wanda to 20% of its 16x16 blocks, as
 ``make demo`` does) each loss trains through ``dense_ft/finetune.py`` with the same data, seed
-and constant learning rate, steps of the demo's size (2 x 256 tokens, accumulated 4 times);
-the teacher is the dense model itself. Perplexity is the validation loss the Trainer measures
-every ``--eval_steps`` (``--eval_samples`` sequences of 256 tokens), read at each of
-``--budgets`` (the demo's 40 steps and 4x it by default, from one run: the learning rate is
-constant, so step N of the long run is an N-step run). Training time excludes
-evaluations (train_runtime minus every eval_runtime); peak RSS comes from ``/usr/bin/time``.
-Cross-entropy trains longer (``--ce_steps``), so that it can be read at the wall time each
-distillation run took: "CE at equal time"; ``--ce_results`` reads it from an earlier run's JSON
-line instead (same settings), and ``--losses ''`` trains CE alone, so the runs of a long budget can
-be spread over several sittings. Every run is one JSON line, with the CPU's vector capability: two
-CPUs that differ in it step at different speeds and round differently, so a CE line from another
-one is refused.
+and constant learning rate (``--learning_rate``), steps of the demo's size (2 x 256 tokens,
+accumulated 4 times); the teacher is the dense model itself. Perplexity is the validation loss
+the Trainer measures every ``--eval_steps`` (``--eval_samples`` sequences of 256 tokens), read at
+each of ``--budgets`` (the demo's 40 steps and 4x it by default, from one run: the learning rate
+is constant, so step N of the long run is an N-step run). Training time excludes evaluations
+(train_runtime minus every eval_runtime); peak RSS comes from ``/usr/bin/time``. Cross-entropy
+trains longer (``--ce_steps``), so that it can be read at the wall time each distillation run
+took: "CE at equal time"; ``--ce_results`` reads it from an earlier run's JSON line instead, and
+``--losses ''`` trains CE alone, so the runs of a long budget can be spread over several
+sittings. ``--train_samples N`` trains on the first N sequences only, so that a budget runs over
+several epochs (the regime where cross-entropy overfits). Every run is one JSON line, with the
+CPU's vector capability, the learning rate and the training set's size: a CE line that differs in
+one of them is refused (two CPUs that differ in the first step at different speeds and round
+differently).
 
     PYTHONPATH=scripts .venv/bin/python bench/bench_distillation.py [--budgets 40 --ce_steps 76]
 """
@@ -32,27 +34,35 @@ from prepare_embedded import corpus_dir, model_dir
 
 COMMON = ["--dataset_dir", str(corpus_dir()), "--block_size", "256", "--per_device_train_batch_size", "2",
           "--gradient_accumulation_steps", "4",
-          "--learning_rate", "5e-4", "--lr_scheduler_type", "constant", "--seed", "0", "--logging_steps", "4",
+          "--lr_scheduler_type", "constant", "--seed", "0", "--logging_steps", "4",
           "--eval_strategy", "steps", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true"]
 CPU = torch.backends.cpu.get_cpu_capability()
+SETTINGS = ("learning_rate", "train_samples")  # what a CE line read by ``--ce_results`` must share with this run
 
 
-def train(pruned: Path, output: Path, steps: int, eval_steps: int, eval_samples: int, *extra) -> dict:
-    """Validation perplexity by step, training seconds per step, peak RSS, the CPU it ran on."""
+def train(pruned: Path, output: Path, steps: int, args: argparse.Namespace, *extra) -> dict:
+    """Validation perplexity by step, training seconds per step, peak RSS, the CPU and data it ran on."""
+    data = ["--max_train_samples", args.train_samples] if args.train_samples else []
     _, _, peak_gib = run([sys.executable, "dense_ft/finetune.py", "--model_name_or_path", pruned, "--output_dir",
-                          output, *COMMON, "--max_steps", steps, "--eval_steps", eval_steps, "--max_eval_samples",
-                          eval_samples, *extra], timed=True)
+                          output, *COMMON, *data, "--learning_rate", args.learning_rate, "--max_steps", steps,
+                          "--eval_steps", args.eval_steps, "--max_eval_samples", args.eval_samples, *extra],
+                         timed=True)
     history = json.loads((output / "trainer_state.json").read_text())["log_history"]
     evaluations = {record["step"]: math.exp(record["eval_loss"]) for record in history if "eval_loss" in record}
     runtime = next(record["train_runtime"] for record in history if "train_runtime" in record)
     training = runtime - sum(record["eval_runtime"] for record in history if "eval_runtime" in record)
     return {"perplexity_by_step": evaluations, "seconds_per_step": training / steps, "peak_rss_gib": peak_gib,
-            "cpu": CPU}
+            "cpu": CPU, **{setting: getattr(args, setting) for setting in SETTINGS}}
 
 
-def read_ce_line(path: Path) -> dict:
-    """An earlier run's CE line, if it ran on a CPU like this one."""
+def read_ce_line(path: Path, args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    """An earlier run's CE line, if it ran on a CPU like this one and with the same settings."""
     ce = json.loads(path.read_text())
+    for setting in SETTINGS:
+        theirs = ce.get(setting, parser.get_default(setting))  # lines older than a setting ran at its default
+        if theirs != getattr(args, setting):
+            raise SystemExit(f"{path} trained with --{setting} {theirs}, this run with {getattr(args, setting)}: "
+                             "the curves do not compare")
     if "cpu" not in ce:
         print(f"warning: {path} does not say which CPU it ran on; its times are read as if it were this one ({CPU})",
               file=sys.stderr)
@@ -79,20 +89,21 @@ def main():
     parser.add_argument("--losses", default="kl+ce,squarehead,kl", help="distillation losses; '' trains CE alone")
     parser.add_argument("--eval_steps", type=int, default=10)
     parser.add_argument("--eval_samples", type=int, default=48)
+    parser.add_argument("--train_samples", type=int, help="train on the first N sequences, for several epochs")
+    parser.add_argument("--learning_rate", type=float, default=5e-4, help="constant, for every loss")
     args = parser.parse_args()
     budgets = [int(budget) for budget in args.budgets.split(",")]
-    ce = read_ce_line(args.ce_results) if args.ce_results else None
+    ce = read_ce_line(args.ce_results, args, parser) if args.ce_results else None
     work = Path(tempfile.mkdtemp(prefix="distillation_"))
     pruned = work / "pruned_model"
     run([sys.executable, "main_block.py", "--model", model_dir(), "--calib_dataset", corpus_dir(), *PERPLEXITY,
          "--sparsity_ratio", "0.2", "--nsamples", "16", "--save", work / "pruned", "--save_model", pruned])
 
     if ce is None:
-        ce = train(pruned, work / "ce", args.ce_steps, args.eval_steps, args.eval_samples)
+        ce = train(pruned, work / "ce", args.ce_steps, args)
         print(json.dumps({"loss": "ce", **ce}), flush=True)
     for loss in filter(None, args.losses.split(",")):
-        result = train(pruned, work / loss, max(budgets), args.eval_steps, args.eval_samples, "--teacher_model",
-                       model_dir(), "--distill_loss", loss)
+        result = train(pruned, work / loss, max(budgets), args, "--teacher_model", model_dir(), "--distill_loss", loss)
         if not math.isclose(result["perplexity_by_step"][0], ce["perplexity_by_step"][0], rel_tol=1e-4):
             raise SystemExit(f"{loss}: the perplexity before fine-tuning is not CE's: another model or validation set")
         row = {"loss": loss, **result, "time_vs_ce": result["seconds_per_step"] / ce["seconds_per_step"]}
