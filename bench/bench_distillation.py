@@ -14,7 +14,7 @@ took: "CE at equal time"; ``--ce_results`` reads it from an earlier run's JSON l
 sittings. ``--train_samples N`` trains on the first N sequences only, so that a budget runs over
 several epochs (the regime where cross-entropy overfits). Every run is one JSON line, with the
 CPU's vector capability, the learning rate and the training set's size: a CE line that differs in
-one of them is refused (two CPUs that differ in the first step at different speeds and round
+one of them is refused (CPUs of another vector capability step at other speeds and round
 differently).
 
     PYTHONPATH=scripts .venv/bin/python bench/bench_distillation.py [--budgets 40 --ce_steps 76]
