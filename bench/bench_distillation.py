@@ -1,20 +1,20 @@
 """Recovery with distillation from the dense model against plain fine-tuning, at two budgets.
 
-On the embedded default (SmolLM2-135M pruned by Wanda to 20% of its 16x16 blocks, as
-``make demo`` does) each loss trains through ``dense_ft/finetune.py`` with the same data, seed
-and constant learning rate (``--learning_rate``), steps of the demo's size (2 x 256 tokens,
-accumulated 4 times); the teacher is the dense model itself. Perplexity is the validation loss
-the Trainer measures every ``--eval_steps`` (``--eval_samples`` sequences of 256 tokens), read at
-each of ``--budgets`` (the demo's 40 steps and 4x it by default, from one run: the learning rate
-is constant, so step N of the long run is an N-step run). Training time excludes evaluations
+On the embedded default (SmolLM2-135M pruned by Wanda to 20% of its 16x16 blocks, as ``make demo``
+does) each loss trains through ``dense_ft/finetune.py`` with the same data, seed (``--seed``) and
+constant learning rate (``--learning_rate``), steps of the demo's size (2 x 256 tokens,
+accumulated 4 times); the teacher is the dense model itself. Perplexity is the validation loss the
+Trainer measures every ``--eval_steps`` (``--eval_samples`` sequences of 256 tokens), read at each
+of ``--budgets`` (the demo's 40 steps and 4x it by default, from one run: the learning rate is
+constant, so step N of the long run is an N-step run). Training time excludes evaluations
 (train_runtime minus every eval_runtime); peak RSS comes from ``/usr/bin/time``. Cross-entropy
 trains longer (``--ce_steps``), so that it can be read at the wall time each distillation run
 took: "CE at equal time"; ``--ce_results`` reads it from an earlier run's JSON line instead, and
-``--losses ''`` trains CE alone, so the runs of a long budget can be spread over several
-sittings. ``--train_samples N`` trains on the first N sequences only, so that a budget runs over
-several epochs (the regime where cross-entropy overfits). Every run is one JSON line, with the
-CPU's vector capability, the learning rate and the training set's size: a CE line that differs in
-one of them is refused (CPUs of another vector capability step at other speeds and round
+``--losses ''`` trains CE alone, so the runs of a long budget can be spread over several sittings.
+``--train_samples N`` trains on the first N sequences only, so that a budget runs over several
+epochs (the regime where cross-entropy overfits). Every run is one JSON line, with the CPU's
+vector capability, the learning rate, the training set's size and the seed: a CE line that differs
+in one of them is refused (CPUs of another vector capability step at other speeds and round
 differently).
 
     PYTHONPATH=scripts .venv/bin/python bench/bench_distillation.py [--budgets 40 --ce_steps 76]
@@ -34,18 +34,19 @@ from prepare_embedded import corpus_dir, model_dir
 
 COMMON = ["--dataset_dir", str(corpus_dir()), "--block_size", "256", "--per_device_train_batch_size", "2",
           "--gradient_accumulation_steps", "4",
-          "--lr_scheduler_type", "constant", "--seed", "0", "--logging_steps", "4",
+          "--lr_scheduler_type", "constant", "--logging_steps", "4",
           "--eval_strategy", "steps", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true"]
 CPU = torch.backends.cpu.get_cpu_capability()
-SETTINGS = ("learning_rate", "train_samples")  # what a CE line read by ``--ce_results`` must share with this run
+SETTINGS = ("learning_rate", "train_samples", "seed")  # what a CE line read by ``--ce_results`` must share
 
 
 def train(pruned: Path, output: Path, steps: int, args: argparse.Namespace, *extra) -> dict:
     """Validation perplexity by step, training seconds per step, peak RSS, the CPU and data it ran on."""
     data = ["--max_train_samples", args.train_samples] if args.train_samples else []
     _, _, peak_gib = run([sys.executable, "dense_ft/finetune.py", "--model_name_or_path", pruned, "--output_dir",
-                          output, *COMMON, *data, "--learning_rate", args.learning_rate, "--max_steps", steps,
-                          "--eval_steps", args.eval_steps, "--max_eval_samples", args.eval_samples, *extra],
+                          output, *COMMON, *data, "--learning_rate", args.learning_rate, "--seed", args.seed,
+                          "--max_steps", steps, "--eval_steps", args.eval_steps,
+                          "--max_eval_samples", args.eval_samples, *extra],
                          timed=True)
     history = json.loads((output / "trainer_state.json").read_text())["log_history"]
     evaluations = {record["step"]: math.exp(record["eval_loss"]) for record in history if "eval_loss" in record}
@@ -91,6 +92,7 @@ def main():
     parser.add_argument("--eval_samples", type=int, default=48)
     parser.add_argument("--train_samples", type=int, help="train on the first N sequences, for several epochs")
     parser.add_argument("--learning_rate", type=float, default=5e-4, help="constant, for every loss")
+    parser.add_argument("--seed", type=int, default=0, help="the order of the training sequences")
     args = parser.parse_args()
     budgets = [int(budget) for budget in args.budgets.split(",")]
     ce = read_ce_line(args.ce_results, args, parser) if args.ce_results else None
