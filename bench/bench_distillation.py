@@ -13,9 +13,9 @@ took: "CE at equal time"; ``--ce_results`` reads it from an earlier run's JSON l
 ``--losses ''`` trains CE alone, so the runs of a long budget can be spread over several sittings.
 ``--train_samples N`` trains on the first N sequences only, so that a budget runs over several
 epochs (the regime where cross-entropy overfits). Every run is one JSON line, with the CPU's
-vector capability, the learning rate, the training set's size and the seed: a CE line that differs
-in one of them is refused (CPUs of another vector capability step at other speeds and round
-differently).
+vector capability, the learning rate, the training set's size, the seed and the validation set's
+size: a CE line that differs in one of them is refused before anything trains (CPUs of another
+vector capability step at other speeds and round differently).
 
     PYTHONPATH=scripts .venv/bin/python bench/bench_distillation.py [--budgets 40 --ce_steps 76]
 """
@@ -37,7 +37,7 @@ COMMON = ["--dataset_dir", str(corpus_dir()), "--block_size", "256", "--per_devi
           "--lr_scheduler_type", "constant", "--logging_steps", "4",
           "--eval_strategy", "steps", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true"]
 CPU = torch.backends.cpu.get_cpu_capability()
-SETTINGS = ("learning_rate", "train_samples", "seed")  # what a CE line read by ``--ce_results`` must share
+SETTINGS = ("learning_rate", "train_samples", "seed", "eval_samples")  # a ``--ce_results`` line must share
 
 
 def train(pruned: Path, output: Path, steps: int, args: argparse.Namespace, *extra) -> dict:
