@@ -1,6 +1,6 @@
 /* Zero the pruned blocks of many row-major matrices in one call, on the CPU.
  *
- * Each pruned block is block_size rows of block_bytes each, scattered one matrix row apart.
+ * Each pruned block is block_size rows of block_size elements each, one matrix row apart.
  * They are written with non-temporal stores: a row of a block is a whole cache line or half
  * of one, and an ordinary store would first read the line it overwrites; with streaming
  * stores a scattered write of the pruned blocks runs at about the speed of one contiguous
@@ -18,13 +18,12 @@
 
 /* One matrix: every field is an int64, so that Python passes the whole table as one array. */
 typedef struct {
-    int64_t data;        /* address of element (0, 0) */
-    int64_t row_bytes;   /* bytes from one row to the next */
-    int64_t block_size;  /* rows of a block */
-    int64_t block_bytes; /* bytes of one row of a block; a multiple of 16, as is row_bytes */
-    int64_t block_rows;  /* address of count int32 block-row indices */
-    int64_t block_cols;  /* address of count int32 block-column indices */
-    int64_t count;       /* pruned blocks */
+    int64_t data;          /* address of element (0, 0) */
+    int64_t row_bytes;     /* bytes from one row to the next */
+    int64_t element_bytes; /* bytes of one element */
+    int64_t block_size;    /* rows and columns of a block; block_size * element_bytes is a multiple of 16 */
+    int64_t block_starts;  /* address of count int64: the flat index of each block's top-left element */
+    int64_t count;         /* pruned blocks */
 } matrix_t;
 
 typedef struct {
@@ -43,10 +42,10 @@ static void zero_bytes(char *p, int64_t n) {
 }
 
 static void zero_block(const matrix_t *m, int64_t k) {
-    const int32_t *rows = (const int32_t *)(intptr_t)m->block_rows;
-    const int32_t *cols = (const int32_t *)(intptr_t)m->block_cols;
-    char *corner = (char *)(intptr_t)m->data + rows[k] * m->block_size * m->row_bytes + cols[k] * m->block_bytes;
-    for (int64_t r = 0; r < m->block_size; r++) zero_bytes(corner + r * m->row_bytes, m->block_bytes);
+    const int64_t *starts = (const int64_t *)(intptr_t)m->block_starts;
+    char *corner = (char *)(intptr_t)m->data + starts[k] * m->element_bytes;
+    int64_t block_bytes = m->block_size * m->element_bytes;
+    for (int64_t r = 0; r < m->block_size; r++) zero_bytes(corner + r * m->row_bytes, block_bytes);
 }
 
 static void *zero_share(void *arg) {

@@ -35,14 +35,15 @@ def supports(tensor: torch.Tensor, block_size: int) -> bool:
             and tensor.shape[1] * tensor.element_size() % ALIGNMENT == 0)
 
 
-Job = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]  # tensor, block rows, block columns, block size
+Job = tuple[torch.Tensor, torch.Tensor, int]  # tensor, block starts, block size
 
 
 def zero_blocks_(jobs: list[Job]) -> bool:
     """Zero blocks of CPU tensors in one call; False (nothing done) when the kernel is unavailable.
 
-    Each job is ``(tensor, block_rows, block_cols, block_size)``: the tensor must pass
-    ``supports``, and the blocks (int32 CPU tensors of one length) must lie inside its grid.
+    Each job is ``(tensor, block_starts, block_size)``: the tensor must pass ``supports``, and
+    ``block_starts`` (a contiguous int64 CPU tensor: the flat index of each block's top-left
+    element) must name blocks inside it.
     """
     kernel = _kernel()
     if kernel is None:
@@ -55,14 +56,13 @@ def zero_blocks_(jobs: list[Job]) -> bool:
     return True
 
 
-def _describe(tensor: torch.Tensor, block_rows: torch.Tensor, block_cols: torch.Tensor, block_size: int) -> tuple:
+def _describe(tensor: torch.Tensor, block_starts: torch.Tensor, block_size: int) -> tuple:
     """One row of the kernel's table (``matrix_t`` in block_zero.c)."""
-    if not (block_rows.dtype == block_cols.dtype == torch.int32 and block_rows.is_contiguous()
-            and block_cols.is_contiguous() and block_rows.numel() == block_cols.numel()):
-        raise ValueError("the kernel reads block indices as two contiguous int32 tensors of one length")
+    if not (block_starts.dtype == torch.int64 and block_starts.is_cpu and block_starts.is_contiguous()):
+        raise ValueError("the kernel reads block starts as one contiguous int64 CPU tensor")
     element = tensor.element_size()
-    return (tensor.data_ptr(), tensor.shape[1] * element, block_size, block_size * element,
-            block_rows.data_ptr(), block_cols.data_ptr(), block_rows.numel())
+    return (tensor.data_ptr(), tensor.shape[1] * element, element, block_size, block_starts.data_ptr(),
+            block_starts.numel())
 
 
 @functools.cache

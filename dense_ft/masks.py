@@ -1,7 +1,7 @@
 """Pruning masks: captured once from a model's zeros, applied to weights and gradients.
 
 A weight whose zeros are whole ``b x b`` blocks (what block pruning leaves) gets a
-``BlockMask``: the coordinates of its pruned blocks, kept from capture, so that a pass over
+``BlockMask``: the positions of its pruned blocks, kept from capture, so that a pass over
 the weight (or its gradient) writes exactly those blocks, with no index to recompute and no
 full-size temporary: on the CPU all matrices in one call of a native kernel (``block_zero``),
 elsewhere one indexed write per matrix. Any other pattern of zeros gets an ``ElementMask``:
@@ -37,11 +37,12 @@ UNSTRUCTURED_MIN_FRACTION = 0.01
 
 
 class BlockMask:
-    """The pruned blocks of one weight matrix, as (block row, block column) pairs.
+    """The pruned blocks of one weight matrix, each by the flat index of its top-left element.
 
-    Two int32 per pruned block: 8 bytes per 256 weights of a pruned 16x16 block (about 41 MB
+    One int64 per pruned block: 8 bytes per 256 weights of a pruned 16x16 block (about 41 MB
     for a 7B model at 20%), against 1 bit per block for a bitmap that would have to be turned
-    into indices again on every pass.
+    into indices again on every pass. int64 is what PyTorch's indexing takes, so no pass converts
+    them (int32 coordinates cost two conversions per matrix per pass).
     """
 
     def __init__(self, pruned_blocks: torch.Tensor, block_size: int):
@@ -49,31 +50,39 @@ class BlockMask:
         self.block_size = block_size
         self.shape = torch.Size(size * block_size for size in self.grid)
         rows, cols = pruned_blocks.nonzero(as_tuple=True)
-        self.block_rows, self.block_cols = rows.to(torch.int32), cols.to(torch.int32)
+        self.block_starts = (rows * self.shape[1] + cols) * block_size
 
     @property
     def pruned_blocks(self) -> torch.Tensor:
-        grid = torch.zeros(self.grid, dtype=torch.bool, device=self.block_rows.device)
-        grid[self.block_rows, self.block_cols] = True
+        b, columns = self.block_size, self.shape[1]
+        grid = torch.zeros(self.grid, dtype=torch.bool, device=self.block_starts.device)
+        grid[self.block_starts // (b * columns), self.block_starts % columns // b] = True
         return grid
 
     @property
     def nbytes(self) -> int:
-        return self.block_rows.nbytes + self.block_cols.nbytes
+        return self.block_starts.nbytes
 
     @property
     def num_pruned(self) -> int:
-        return self.block_rows.numel() * self.block_size**2
+        return self.block_starts.numel() * self.block_size**2
 
-    def _blocked(self, tensor: torch.Tensor) -> torch.Tensor:
-        rows, cols = self.grid
+    def _windows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every ``b x b`` window of a row-major ``tensor``, by the flat index of its top-left element.
+
+        The windows overlap (a view, no copy); the pruned blocks are disjoint among them, so one
+        ``index_fill_`` along the first dimension zeroes them all: a single operation per matrix.
+        """
+        if tensor.shape != self.shape:  # as_strided would not notice: the write would land outside the matrix
+            raise ValueError(f"a mask of shape {tuple(self.shape)} cannot mask a tensor of shape {tuple(tensor.shape)}")
+        rows, cols = self.shape
         b = self.block_size
-        return tensor.view(rows, b, cols, b)
+        return tensor.as_strided((rows * cols - (b - 1) * (cols + 1), b, b), (1, cols, 1))
 
     def native_job(self, tensor: torch.Tensor) -> block_zero.Job | None:
         """This mask's job for the CPU kernel (``block_zero``), or None when the kernel cannot take ``tensor``."""
-        if self.block_rows.is_cpu and tensor.shape == self.shape and block_zero.supports(tensor, self.block_size):
-            return tensor, self.block_rows, self.block_cols, self.block_size
+        if self.block_starts.is_cpu and tensor.shape == self.shape and block_zero.supports(tensor, self.block_size):
+            return tensor, self.block_starts, self.block_size
         return None
 
     def apply_(self, tensor: torch.Tensor) -> None:
@@ -82,11 +91,14 @@ class BlockMask:
 
     def apply_indexed_(self, tensor: torch.Tensor) -> None:
         """Zero the pruned blocks of ``tensor`` with one indexed write of just those blocks (any device)."""
-        self._blocked(tensor)[self.block_rows, :, self.block_cols, :] = 0
+        row_major = tensor.contiguous()
+        self._windows(row_major).index_fill_(0, self.block_starts, 0)
+        if row_major is not tensor:
+            tensor.copy_(row_major)
 
     def count_nonzero(self, tensor: torch.Tensor) -> int:
         """How many pruned positions of ``tensor`` are not zero."""
-        return int(self._blocked(tensor)[self.block_rows, :, self.block_cols, :].count_nonzero())
+        return int(self._windows(tensor.contiguous())[self.block_starts].count_nonzero())
 
     def dense(self) -> torch.Tensor:
         b = self.block_size
@@ -104,7 +116,7 @@ class BlockMask:
         return ElementMask(self.dense()[start:stop])
 
     def to(self, device: torch.device) -> "BlockMask":
-        self.block_rows, self.block_cols = self.block_rows.to(device), self.block_cols.to(device)
+        self.block_starts = self.block_starts.to(device)
         return self
 
 

@@ -18,7 +18,7 @@ def block_pruned_weight(rows=64, cols=96, ratio=0.25, seed=0):
     return weight, grid
 
 
-def test_block_zeros_become_a_block_mask_of_two_int32_per_pruned_block():
+def test_block_zeros_become_a_block_mask_of_one_int64_per_pruned_block():
     weight, grid = block_pruned_weight()
     mask = capture_mask(weight)
     assert isinstance(mask, BlockMask)
@@ -151,3 +151,27 @@ def test_a_pattern_off_the_schema_is_refused_in_one_line(change, message, tmp_pa
     model.save_pretrained(tmp_path)
     result = run_python("-m", "dense_ft.check_sparsity", tmp_path, timeout=120)
     assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "storage offset", "transposed"])
+def test_the_indexed_write_zeroes_exactly_the_pruned_blocks_whatever_the_layout(layout):
+    generator = torch.Generator().manual_seed(0)
+    grid = torch.rand(4, 6, generator=generator) < 0.4
+    values = torch.rand(64, 96, generator=generator) + 1  # no zeros of its own
+    tensor = {"contiguous": values.clone(),
+              "storage offset": torch.cat([torch.ones(1), values.flatten()])[1:].view(64, 96),
+              "transposed": values.t().contiguous().t()}[layout]
+    mask = BlockMask(grid, BLOCK)
+    mask.apply_indexed_(tensor)
+    pruned = grid.repeat_interleave(BLOCK, dim=0).repeat_interleave(BLOCK, dim=1)
+    assert torch.equal(tensor == 0, pruned) and torch.equal(tensor[~pruned], values[~pruned])
+    assert mask.count_nonzero(tensor) == 0 and mask.count_nonzero(values) == int(pruned.sum())
+
+
+def test_a_block_mask_refuses_a_tensor_of_another_shape():
+    mask = BlockMask(torch.ones(2, 2, dtype=torch.bool), BLOCK)
+    for shape in [(16, 64), (64, 32)]:
+        tensor = torch.ones(shape)
+        with pytest.raises(ValueError, match="cannot mask a tensor of shape"):
+            mask.apply_indexed_(tensor)
+        assert tensor.all()
