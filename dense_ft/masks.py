@@ -89,16 +89,21 @@ class BlockMask:
         """Zero the pruned blocks of ``tensor``: with the CPU kernel where it can, else by indexing."""
         apply_masks_([(tensor, self)])
 
+    def _starts_on(self, device: torch.device) -> torch.Tensor:
+        """The block starts on ``device``: a mask kept elsewhere (sparse LoRA's, captured before the
+        Trainer moves the model) is copied there for each use."""
+        return self.block_starts if self.block_starts.device == device else self.block_starts.to(device)
+
     def apply_indexed_(self, tensor: torch.Tensor) -> None:
         """Zero the pruned blocks of ``tensor`` with one indexed write of just those blocks (any device)."""
         row_major = tensor.contiguous()
-        self._windows(row_major).index_fill_(0, self.block_starts, 0)
+        self._windows(row_major).index_fill_(0, self._starts_on(tensor.device), 0)
         if row_major is not tensor:
             tensor.copy_(row_major)
 
     def count_nonzero(self, tensor: torch.Tensor) -> int:
         """How many pruned positions of ``tensor`` are not zero."""
-        return int(self._windows(tensor.contiguous())[self.block_starts].count_nonzero())
+        return int(self._windows(tensor.contiguous())[self._starts_on(tensor.device)].count_nonzero())
 
     def dense(self) -> torch.Tensor:
         b = self.block_size

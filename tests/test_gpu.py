@@ -1,4 +1,5 @@
-"""On a CUDA GPU only (skipped elsewhere): the launcher's bf16 recipes and the Trainer's FSDP2 path."""
+"""On a CUDA GPU only (skipped elsewhere): the launcher's bf16 recipes, the Trainer's FSDP2 path, masks
+across devices and layer offload."""
 
 import json
 import os
@@ -70,6 +71,18 @@ def test_the_trainers_fsdp2_path_saves_shards_resumes_and_writes_a_normal_model(
     assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 4
     assert_sparsity_kept(output, tiny_pruned_dir)
     assert_weights_moved(output, tiny_pruned_dir)
+
+
+def test_a_mask_kept_on_the_cpu_zeroes_the_same_blocks_of_a_cuda_tensor():
+    from dense_ft.masks import BlockMask
+
+    grid = torch.rand(4, 6, generator=torch.Generator().manual_seed(0)) < 0.4
+    mask = BlockMask(grid, 16)
+    on_cpu, on_gpu = torch.ones(64, 96), torch.ones(64, 96, dtype=torch.bfloat16, device="cuda")
+    mask.apply_(on_cpu)
+    mask.apply_(on_gpu)
+    assert torch.equal(on_gpu.float().cpu(), on_cpu) and mask.count_nonzero(on_gpu) == 0
+    assert torch.equal(mask.to(torch.device("cuda")).pruned_blocks.cpu(), grid)
 
 
 def test_layer_offload_on_the_gpu_prunes_the_same_blocks_and_leaves_the_weights_on_the_cpu():
