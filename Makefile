@@ -1,13 +1,14 @@
 # Two commands do all the set-up: `make demo` runs the whole pipeline on the embedded
-# default, `make test` runs the test suite. Both create .venv from requirements.txt (and the
-# package itself, editable) first.
+# default, `make test` runs the test suite (`make test-slow`, the few tests of several minutes,
+# is what CI runs after it). Both create .venv from requirements.txt (and the package itself,
+# editable) first.
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed-requirements
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: demo test lint embedded
+.PHONY: demo test test-slow lint embedded
 
 $(INSTALLED): requirements.txt pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -27,3 +28,6 @@ lint: $(INSTALLED)
 
 test: embedded lint
 	$(PYTHON) -m pytest -q tests
+
+test-slow: embedded
+	$(PYTHON) -m pytest -q -m slow tests

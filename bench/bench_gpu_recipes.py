@@ -5,7 +5,8 @@ blocks, trains a few optimizer steps per recipe (each in its own process, so pea
 clean) at the guide's settings (batch 1 x 1024 tokens, accumulation 8, bf16, activation
 checkpointing) and reports peak GPU memory, tokens/s, MFU, the projected wall time of the
 guide's job (3 epochs of WikiText-2 train at block size 1024: about 8.5 M tokens) and the
-projected per-GPU memory of the same recipe under FSDP2 on 2 GPUs.
+projected per-GPU memory of the same recipe under FSDP2 on 2 GPUs: a JSON line per recipe, then
+one line of the ratios the goals are set on (``goal_ratios``); it exits 1 if a recipe failed.
 
     python bench/bench_gpu_recipes.py                       # every recipe, Llama-2-7B shape, cuda
     python bench/bench_gpu_recipes.py --config tiny --device cpu --recipes bf16,8bit-sr   # smoke test
@@ -30,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections import defaultdict
 
 import torch
 from step_timer import StepTimer, median_seconds
@@ -193,15 +195,38 @@ def main():
     common = ["--config", args.config, "--device", args.device, "--steps", str(args.steps), "--batch",
               str(args.batch), "--accumulation", str(args.accumulation), "--seqlen", str(args.seqlen),
               "--activation_checkpointing" if args.activation_checkpointing else "--no-activation_checkpointing"]
+    results, failed = [], False
     for recipe in args.recipes.split(","):
         child = subprocess.run([sys.executable, __file__, *common, "--recipe", recipe], capture_output=True,
                                text=True)
         lines = child.stdout.strip().splitlines()
         if child.returncode == 0 and lines:
             print(lines[-1], flush=True)
+            results.append(json.loads(lines[-1]))
         else:
             error = (child.stderr.strip().splitlines() or ["no output"])[-1]
             print(json.dumps({"recipe": recipe, "error": error}), flush=True)
+            failed = True
+    if ratios := goal_ratios(results):
+        print(json.dumps({"ratios": ratios}), flush=True)
+    sys.exit(1 if failed else 0)
+
+
+def goal_ratios(results: list[dict]) -> dict:
+    """The ratios the goals are set on, from the recipes that ran (a recipe run twice counts by its median):
+    SparseTrainer over the plain Trainer (goal <= 1.02), the masking's share of a SparseTrainer step
+    (< 0.01), a step with the dense teacher over one without (<= 1.35), sparse over plain LoRA."""
+    steps = defaultdict(list)
+    for result in results:
+        steps[result["recipe"]].append(result["step_seconds"])
+    step = {recipe: statistics.median(seconds) for recipe, seconds in steps.items()}
+    pairs = {"sparse_over_plain_trainer": ("bf16", "bf16-unmasked"), "distill_over_bf16": ("bf16-distill", "bf16"),
+             "sparse_over_plain_lora": ("lora-sparse", "lora-plain")}
+    ratios = {name: round(step[a] / step[b], 3) for name, (a, b) in pairs.items() if a in step and b in step}
+    masking = [result["masking_seconds"] / result["step_seconds"] for result in results if result["recipe"] == "bf16"]
+    if masking:
+        ratios["masking_share_of_step"] = round(statistics.median(masking), 4)
+    return ratios
 
 
 if __name__ == "__main__":

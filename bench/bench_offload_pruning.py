@@ -18,6 +18,7 @@ import time
 
 import torch
 from bench_gpu_recipes import CONFIGS, build_model
+from step_timer import synchronize
 
 from dense_ft.wanda import prune_wanda_blocks
 
@@ -28,15 +29,18 @@ def prune_once(args) -> dict:
     if not offload:
         model.to(args.device)
     windows = torch.randint(0, model.config.vocab_size, (args.nsamples, args.seqlen))
-    torch.cuda.reset_peak_memory_stats()
+    on_cuda = torch.device(args.device).type == "cuda"
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     prune_wanda_blocks(model, windows, 0.2, 16, args.device, offload=offload, progress=False)
-    torch.cuda.synchronize()
+    synchronize()
     return {"config": args.config, "mode": args.mode, "nsamples": args.nsamples, "seqlen": args.seqlen,
             "parameters": sum(p.numel() for p in model.parameters()),
             "activations_gib": round(args.nsamples * args.seqlen * model.config.hidden_size * 2 / 2**30, 2),
             "seconds": round(time.perf_counter() - started, 1),
-            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "device": torch.cuda.get_device_name()}
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_cuda else None,
+            "device": torch.cuda.get_device_name() if on_cuda else args.device}
 
 
 def main():
@@ -51,8 +55,9 @@ def main():
     if args.mode:
         print(json.dumps(prune_once(args)), flush=True)
         return
-    for mode in args.modes.split(","):
-        subprocess.run([sys.executable, __file__, *sys.argv[1:], "--mode", mode], check=False)
+    failed = [mode for mode in args.modes.split(",")
+              if subprocess.run([sys.executable, __file__, *sys.argv[1:], "--mode", mode]).returncode != 0]
+    sys.exit(f"failed: {', '.join(failed)}" if failed else 0)
 
 
 if __name__ == "__main__":

@@ -1,30 +1,68 @@
 #!/usr/bin/env bash
-# Every check that needs a CUDA GPU, in one go, most wanted first: the GPU-only tests; one
-# masking pass against its floor (and replayed from a CUDA graph); SparseTrainer against the
-# plain Trainer in the order A B B A, the dense teacher's cost (bf16, and 8-bit AdamW's peak
-# memory), sparse LoRA against plain LoRA (7B shape); pruning with and without layer offload
-# (7B shape, 128 x 4096). Logs go to LOG_DIR (default bench_logs/); arguments after it replace
-# the recipes benchmark's.
-#   bench/run_gpu_checks.sh [LOG_DIR [bench_gpu_recipes.py arguments...]]
+# Every check that needs a CUDA GPU, in one call that ends within BUDGET_SECONDS (default 450: a
+# 10-minute device call then has room for the machine's start and for a rerun). The stages run
+# most wanted first, each under `timeout` with what is left of the budget; one that would start
+# with less than MIN_STAGE_SECONDS (default 30) left is skipped:
+#   masking   one masking pass against its floor, and replayed from a CUDA graph (7B shape)
+#   recipes   SparseTrainer against the plain Trainer in the order A B B A, the dense teacher's
+#             cost (bf16) and peak memory (8-bit AdamW), then their ratios against the goals
+#   offload   Wanda pruning with and without layer offload (7B shape, 128 x 4096)
+#   tests     the GPU-only tests (tests/test_gpu.py)
+#   lora      sparse LoRA against plain LoRA (7B shape)
+# STAGES (comma-separated, default all) runs some of them, e.g. STAGES=tests,lora after a first call.
+# Each stage's output goes to LOG_DIR/STAGE.log (default bench_logs/), and a line with its outcome
+# and seconds to LOG_DIR/stages.log. CONFIG and DEVICE (default llama2-7b and cuda) are the
+# benchmarks' --config and --device; MASKING_ARGS, RECIPE_ARGS and OFFLOAD_ARGS add arguments to
+# bench_masking.py, bench_gpu_recipes.py and bench_offload_pruning.py (e.g. RECIPE_ARGS="--steps 3").
+# With CONFIG=tiny DEVICE=cpu and small sizes the whole script runs on a CPU (tests/test_gpu_checks.py).
+# Exit status: 0 when every stage ran and passed, 1 when one did not, 2 when a package is missing.
+#   bench/run_gpu_checks.sh [LOG_DIR]
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 log_dir=${1:-bench_logs}
-shift || true
-recipes_args=("$@")
-(( ${#recipes_args[@]} )) || recipes_args=(--recipes "bf16,bf16-unmasked,bf16-unmasked,bf16,bf16-distill,8bit-sr-distill,lora-sparse,lora-plain")
-python=${PYTHON:-python}
+deadline=$((SECONDS + ${BUDGET_SECONDS:-450}))
+min_stage_seconds=${MIN_STAGE_SECONDS:-30}
+config=${CONFIG:-llama2-7b}
+device=${DEVICE:-cuda}
+python=${PYTHON:-python3}
 # The package and scripts/ from this checkout, whether or not the device's Python has it installed.
-export PYTHONPATH="$PWD:$PWD/scripts${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD:$PWD/scripts${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$log_dir"
+: > "$log_dir/stages.log"
+status=0
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-"$python" -c 'import torch, transformers, accelerate, datasets, peft, torchao
-print("torch", torch.__version__, "transformers", transformers.__version__, "accelerate",
-      accelerate.__version__, "datasets", datasets.__version__, "peft", peft.__version__,
-      "torchao", torchao.__version__)' 2>&1 | tail -n 1
-"$python" -m pytest tests/test_gpu.py -q -p no:cacheprovider -rs 2>&1 | tee "$log_dir/gpu_tests.log"
-tests_status=${PIPESTATUS[0]}
-"$python" bench/bench_masking.py 2>&1 | tee "$log_dir/masking.jsonl"
-"$python" bench/bench_gpu_recipes.py "${recipes_args[@]}" 2>&1 | tee "$log_dir/gpu_recipes.jsonl"
-"$python" bench/bench_offload_pruning.py 2>&1 | tee "$log_dir/offload_pruning.jsonl"
-exit "$tests_status"
+stages=",${STAGES:-masking,recipes,offload,tests,lora},"
+
+stage() {  # stage NAME COMMAND...
+    local name=$1 left=$((deadline - SECONDS)) started=$SECONDS code outcome
+    shift
+    [[ $stages == *",$name,"* ]] || return 0
+    if (( left < min_stage_seconds )); then
+        outcome="skipped: ${left} s of the budget left"
+    else
+        timeout --kill-after=15 "$left" "$@" 2>&1 | tee "$log_dir/$name.log"
+        code=${PIPESTATUS[0]}
+        case $code in
+            0) outcome=passed ;;
+            124 | 137) outcome="timed out: the budget ran out" ;;
+            *) outcome="failed: exit $code" ;;
+        esac
+    fi
+    [[ $outcome == passed ]] || status=1
+    printf '%-8s %5d s  %s\n' "$name" $((SECONDS - started)) "$outcome" | tee -a "$log_dir/stages.log"
+}
+
+if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+fi
+"$python" bench/preflight.py || exit 2
+read -r -a masking_args <<< "--config $config --device $device ${MASKING_ARGS:-}"
+read -r -a recipe_args <<< "--config $config --device $device ${RECIPE_ARGS:-}"
+read -r -a offload_args <<< "--config $config --device $device ${OFFLOAD_ARGS:-}"
+stage masking "$python" bench/bench_masking.py "${masking_args[@]}"
+stage recipes "$python" bench/bench_gpu_recipes.py "${recipe_args[@]}" \
+    --recipes bf16,bf16-unmasked,bf16-unmasked,bf16,bf16-distill,8bit-sr-distill
+stage offload "$python" bench/bench_offload_pruning.py "${offload_args[@]}"
+stage tests "$python" -m pytest tests/test_gpu.py -q -p no:cacheprovider -rs
+stage lora "$python" bench/bench_gpu_recipes.py "${recipe_args[@]}" --recipes lora-sparse,lora-plain
+exit "$status"
