@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every check that needs a CUDA GPU, in one call that ends within BUDGET_SECONDS (default 450: a
-# 10-minute device call then has room for the machine's start and for a rerun). The stages run
-# most wanted first, each under `timeout` with what is left of the budget; one that would start
-# with less than MIN_STAGE_SECONDS (default 30) left is skipped:
+# 10-minute device call then has room for the machine's start and for a rerun), or 15 s after it
+# when a stage must be killed. The stages run most wanted first, each under `timeout` with what
+# is left of the budget; one that would start with less than MIN_STAGE_SECONDS (default 30) left
+# is skipped:
 #   masking   one masking pass against its floor, and replayed from a CUDA graph (7B shape)
 #   recipes   SparseTrainer against the plain Trainer in the order A B B A, the dense teacher's
 #             cost (bf16) and peak memory (8-bit AdamW), then their ratios against the goals

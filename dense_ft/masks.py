@@ -90,8 +90,10 @@ class BlockMask:
         apply_masks_([(tensor, self)])
 
     def _starts_on(self, device: torch.device) -> torch.Tensor:
-        """The block starts on ``device``: a mask kept elsewhere (sparse LoRA's, captured before the
-        Trainer moves the model) is copied there for each use."""
+        """The block starts on ``device``: a mask made on another device than the tensor (a CPU-drawn
+        random pattern for a GPU model in ``prune_random_blocks``, a merge on the CPU after GPU
+        training) is copied there for that use, as ``index_put_`` did with CPU indices;
+        ``index_fill_`` wants both on one device."""
         return self.block_starts if self.block_starts.device == device else self.block_starts.to(device)
 
     def apply_indexed_(self, tensor: torch.Tensor) -> None:
