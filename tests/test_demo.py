@@ -1,6 +1,11 @@
-"""The main job (`make demo`) at its smallest sizes: the report's numbers come from the models it saved."""
+"""The main job (`make demo`) at its smallest sizes: the report's numbers come from the models it saved.
+
+It is also the suite's one fine-tuning of the embedded default (through the launcher, as users run it).
+"""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 from conftest import run_python
@@ -23,4 +28,21 @@ def test_demo_pipeline_and_its_report(tmp_path, embedded_model_dir, embedded_cor
     assert report["finetuned"]["sparsity"] == pytest.approx(check_sparsity(finetuned))
     assert report["violations"] == sum(SparsityMasks(pruned).violations(finetuned).values()) == 0
     assert report["dense"]["perplexity"] < report["finetuned"]["perplexity"] < report["pruned"]["perplexity"]
+    assert_the_fine_tuning_logged_and_recorded_its_run(result.stdout, report["pruned"]["model"],
+                                                       Path(report["finetuned"]["model"]))
     assert set(report["timings"]) >= {"dense perplexity", "prune (Wanda 16x16, 20%)", "fine-tune", "total"}
+
+
+def assert_the_fine_tuning_logged_and_recorded_its_run(stdout: str, pruned_dir: str, finetuned: Path):
+    assert "Initial model sparsity: 0.2001" in stdout
+    assert re.search(r"Trainable params: ([\d,]+) \|\| All params: \1 \|\| Trainable%: 100.00", stdout)
+    assert re.search(r"Step 2: loss=\d+\.\d{4}$", stdout, re.M)  # after a progress bar on the same line
+    before = json.loads((finetuned / "initial_eval_results.json").read_text())["perplexity"]
+    after = json.loads((finetuned / "eval_results.json").read_text())["perplexity"]
+    assert after < before
+    card = (finetuned / "README.md").read_text()
+    for line in (f"base_model: {pruned_dir}", "| method | sparse full fine-tuning (SparseTrainer) |",
+                 "| optimizer steps run | 4 |", "| effective batch | 8 |", f"| validation perplexity at step 0 | "
+                 f"{before:.4g} |", f"| validation perplexity at step 4 | {after:.4g} |",
+                 "| pruned weights that are non-zero | 0 |", "| calibration nsamples | 4 |"):
+        assert line in card, line

@@ -29,14 +29,9 @@ def test_bad_input_is_one_line_and_non_zero(extra, message, tmp_path, tiny_prune
     assert message in result.stderr.strip().splitlines()[-1]
 
 
-def test_prune_the_embedded_default_end_to_end(tmp_path, embedded_model_dir, embedded_corpus_dir, embedded_pruned):
-    dense = run_python("main_block.py", "--model", embedded_model_dir, "--eval_dataset", embedded_corpus_dir,
-                       "--seqlen", 256, "--max_eval_windows", 4, "--save", tmp_path / "dense")
-    assert dense.returncode == 0, dense.stderr[-3000:]
-
-    dense_results = json.loads((tmp_path / "dense" / "results.json").read_text())
+def test_prune_the_embedded_default_end_to_end(embedded_model_dir, embedded_corpus_dir, embedded_pruned):
+    # That pruning costs perplexity against the dense model is the demo's test (tests/test_demo.py).
     results = json.loads((embedded_pruned / "results.json").read_text())
-    assert results["perplexity"] > dense_results["perplexity"] > 1
     assert (embedded_pruned / "log_wanda_block.txt").exists()
 
     model = AutoModelForCausalLM.from_pretrained(embedded_pruned / "pruned_model")
