@@ -20,9 +20,11 @@ def run_torchrun(*args, timeout=600):
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_ddp_on_two_processes_equals_one_process_with_the_same_effective_batch(method, tmp_path, tiny_pruned_dir,
                                                                                 small_corpus_dir):
-    # Sequential order: shuffling with 1 or 2 processes gives different (equally valid) orders.
+    # Sequential order: shuffling with 1 or 2 processes gives different (equally valid) orders. The
+    # accumulation is derived from the effective batch: 2 steps of 4 sequences, or of 2 x 2 processes.
     common = ["--max_steps", 4, "--save_strategy", "no", "--use_cpu", "true", "--max_eval_samples", 2,
-              "--train_sampling_strategy", "sequential", *(["--lora"] if method == "lora" else [])]
+              "--train_sampling_strategy", "sequential", "--effective_batch_size", 8,
+              *(["--lora"] if method == "lora" else [])]
     single = run_python(*finetune_args(tiny_pruned_dir, small_corpus_dir, tmp_path / "single", *common,
                                        "--per_device_train_batch_size", 4))
     assert single.returncode == 0, single.stderr[-3000:]
@@ -30,6 +32,8 @@ def test_ddp_on_two_processes_equals_one_process_with_the_same_effective_batch(m
                                       "--per_device_train_batch_size", 2))
     assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
     assert ddp.stdout.count(f"*** Starting sparse {'LoRA' if method == 'lora' else 'full'} fine-tuning ***") == 1
+    assert "Effective batch size: 8 (per-device 4 x 1 process(es) x accumulation 2)" in single.stdout
+    assert "Effective batch size: 8 (per-device 2 x 2 process(es) x accumulation 2)" in ddp.stdout
 
     one, two = (load_file(tmp_path / run / "model.safetensors") for run in ("single", "ddp"))
     assert one.keys() == two.keys()
@@ -78,15 +82,11 @@ def test_training_unsynchronized_replicas_is_refused(tmp_path):
     assert result.stdout.count("refused: the model is not wrapped in DistributedDataParallel") == 2
 
 
-def test_the_effective_batch_rule_holds_under_torchrun(tmp_path, tiny_pruned_dir, small_corpus_dir):
-    common = ["--max_steps", 1, "--save_strategy", "no", "--use_cpu", "true", "--max_eval_samples", 2,
-              "--per_device_train_batch_size", 2]
-    run = run_torchrun(*finetune_args(tiny_pruned_dir, small_corpus_dir, tmp_path / "ok", *common,
-                                      "--effective_batch_size", 8))
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "Effective batch size: 8 (per-device 2 x 2 process(es) x accumulation 2)" in run.stdout
-
-    refused = run_torchrun(*finetune_args(tiny_pruned_dir, small_corpus_dir, tmp_path / "no", *common,
+def test_an_effective_batch_the_processes_cannot_make_is_refused_under_torchrun(tmp_path, tiny_pruned_dir,
+                                                                                small_corpus_dir):
+    # The batch that they can make is derived in the DDP test above.
+    refused = run_torchrun(*finetune_args(tiny_pruned_dir, small_corpus_dir, tmp_path / "no", "--max_steps", 1,
+                                          "--use_cpu", "true", "--per_device_train_batch_size", 2,
                                           "--effective_batch_size", 6))
     assert refused.returncode != 0 and "UserError" not in refused.stderr  # torchrun adds its own report
     assert "error: --effective_batch_size 6 is not a multiple of per-device batch 2 x 2 process(es)" in refused.stderr
