@@ -10,11 +10,9 @@ export HF_DATASETS_OFFLINE ?= 1
 
 .PHONY: demo test test-slow lint embedded
 
-# --no-compile: byte-compiling all 16,000 files of the dependencies is over a minute of a fresh install on
-# two cores; Python compiles the few thousand that are imported when they first are.
 $(INSTALLED): requirements.txt pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
-	$(PYTHON) -m pip install --quiet --disable-pip-version-check --no-compile -r requirements.txt
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
