@@ -13,6 +13,7 @@ import array
 import ctypes
 import functools
 import hashlib
+import itertools
 import logging
 import os
 import platform
@@ -28,41 +29,35 @@ SOURCE = Path(__file__).with_name("block_zero.c")
 ALIGNMENT = 16  # bytes of one streaming store
 
 
-def supports(tensor: torch.Tensor, block_size: int) -> bool:
-    """Whether the kernel can zero blocks of ``tensor``: contiguous on the CPU, rows aligned for its stores."""
-    return (tensor.is_cpu and tensor.dim() == 2 and tensor.is_contiguous()
-            and tensor.data_ptr() % ALIGNMENT == 0 and block_size * tensor.element_size() % ALIGNMENT == 0
-            and tensor.shape[1] * tensor.element_size() % ALIGNMENT == 0)
+def matrix_row(tensor: torch.Tensor, block_starts: torch.Tensor, block_size: int) -> tuple | None:
+    """The kernel's row (``matrix_t`` in block_zero.c) to zero these blocks of ``tensor``, or None when the
+    kernel cannot take them.
 
-
-Job = tuple[torch.Tensor, torch.Tensor, int]  # tensor, block starts, block size
-
-
-def zero_blocks_(jobs: list[Job]) -> bool:
-    """Zero blocks of CPU tensors in one call; False (nothing done) when the kernel is unavailable.
-
-    Each job is ``(tensor, block_starts, block_size)``: the tensor must pass ``supports``, and
-    ``block_starts`` (a contiguous int64 CPU tensor: the flat index of each block's top-left
-    element) must name blocks inside it.
+    It takes a contiguous 2-D CPU tensor whose rows and blocks are aligned for its 16-byte stores, and
+    ``block_starts`` as one contiguous int64 CPU tensor (the flat index of each block's top-left
+    element), naming blocks inside the tensor: the caller's to check, as the kernel cannot.
     """
+    if not (tensor.is_cpu and tensor.dim() == 2 and tensor.is_contiguous() and block_starts.dtype == torch.int64
+            and block_starts.is_cpu and block_starts.is_contiguous()):
+        return None
+    address, element = tensor.data_ptr(), tensor.element_size()
+    row_bytes = tensor.shape[1] * element
+    if (address | row_bytes | block_size * element) % ALIGNMENT:  # a power of two: all three are multiples
+        return None
+    return address, row_bytes, element, block_size, block_starts.data_ptr(), block_starts.numel()
+
+
+def zero_blocks_(tensors: list[torch.Tensor], rows: list[tuple]) -> bool:
+    """Zero blocks of CPU tensors in one call, ``rows[i]`` (from ``matrix_row``) those of ``tensors[i]``;
+    False (nothing done) when the kernel is unavailable."""
     kernel = _kernel()
     if kernel is None:
         return False
-    if jobs:
-        table = array.array("q", [field for job in jobs for field in _describe(*job)])
-        kernel(table.buffer_info()[0], len(jobs), torch.get_num_threads())
-        for tensor, *_ in jobs:
-            torch.autograd.graph.increment_version(tensor)  # written behind PyTorch's back
+    if rows:
+        table = array.array("q", itertools.chain.from_iterable(rows))
+        kernel(table.buffer_info()[0], len(rows), torch.get_num_threads())
+        torch.autograd.graph.increment_version(tensors)  # written behind PyTorch's back
     return True
-
-
-def _describe(tensor: torch.Tensor, block_starts: torch.Tensor, block_size: int) -> tuple:
-    """One row of the kernel's table (``matrix_t`` in block_zero.c)."""
-    if not (block_starts.dtype == torch.int64 and block_starts.is_cpu and block_starts.is_contiguous()):
-        raise ValueError("the kernel reads block starts as one contiguous int64 CPU tensor")
-    element = tensor.element_size()
-    return (tensor.data_ptr(), tensor.shape[1] * element, element, block_size, block_starts.data_ptr(),
-            block_starts.numel())
 
 
 @functools.cache

@@ -79,11 +79,11 @@ class BlockMask:
         b = self.block_size
         return tensor.as_strided((rows * cols - (b - 1) * (cols + 1), b, b), (1, cols, 1))
 
-    def native_job(self, tensor: torch.Tensor) -> block_zero.Job | None:
-        """This mask's job for the CPU kernel (``block_zero``), or None when the kernel cannot take ``tensor``."""
-        if self.block_starts.is_cpu and tensor.shape == self.shape and block_zero.supports(tensor, self.block_size):
-            return tensor, self.block_starts, self.block_size
-        return None
+    def native_row(self, tensor: torch.Tensor) -> tuple | None:
+        """This mask's row of the CPU kernel's table (``block_zero``), or None when the kernel cannot take it."""
+        if tensor.shape != self.shape:  # the kernel would write outside the matrix: the indexed write refuses it
+            return None
+        return block_zero.matrix_row(tensor, self.block_starts, self.block_size)
 
     def apply_(self, tensor: torch.Tensor) -> None:
         """Zero the pruned blocks of ``tensor``: with the CPU kernel where it can, else by indexing."""
@@ -167,17 +167,19 @@ Mask = BlockMask | ElementMask
 
 def apply_masks_(tensors_and_masks) -> None:
     """Zero the pruned positions of each tensor: CPU block masks in one native call, the rest one by one."""
-    native = []  # (tensor, mask, job) for the kernel
+    native = []  # (tensor, mask) for the kernel
+    rows = []  # their rows of its table
     for tensor, mask in tensors_and_masks:
         if not isinstance(mask, BlockMask):
             mask.apply_(tensor)
-        elif (job := mask.native_job(tensor)) is None:
+        elif (row := mask.native_row(tensor)) is None:
             mask.apply_indexed_(tensor)
         else:
-            native.append((tensor, mask, job))
+            native.append((tensor, mask))
+            rows.append(row)
     # Only a pass with CPU work loads the kernel: GPU runs never build it nor warn about a compiler.
-    if native and not block_zero.zero_blocks_([job for *_, job in native]):
-        for tensor, mask, _ in native:
+    if native and not block_zero.zero_blocks_([tensor for tensor, _ in native], rows):
+        for tensor, mask in native:
             mask.apply_indexed_(tensor)
 
 

@@ -74,7 +74,7 @@ def test_tensors_the_kernel_cannot_take_are_masked_by_indexing_in_the_same_pass(
     grid = torch.rand(64 // BLOCK, 96 // BLOCK, generator=torch.Generator().manual_seed(1)) < 0.4
     pairs = [(misaligned, BlockMask(grid, BLOCK)), (transposed, BlockMask(grid, BLOCK)),
              *pruned_pairs([(64, 96)], torch.float32)]
-    assert not block_zero.supports(misaligned, BLOCK) and not block_zero.supports(transposed, BLOCK)
+    assert all(mask.native_row(tensor) is None for tensor, mask in pairs[:2])
     expected = expected_after_indexed_write(pairs)
     apply_masks_(pairs)
     assert same_bits(pairs, expected)
@@ -106,7 +106,7 @@ def test_a_pass_with_nothing_for_the_kernel_neither_builds_it_nor_warns(fresh_ke
 def test_the_kernel_can_be_switched_off(fresh_kernel, monkeypatch):
     monkeypatch.setenv("DENSE_FT_NATIVE_MASKING", "0")
     assert block_zero._kernel() is None
-    assert block_zero.zero_blocks_([]) is False
+    assert block_zero.zero_blocks_([], []) is False
 
 
 @needs_compiler
@@ -115,11 +115,9 @@ def test_the_kernel_is_built_once_into_the_cache(fresh_kernel, tmp_path):
     assert [path.name.startswith("block_zero-") for path in (tmp_path / "dense_ft").iterdir()] == [True]
 
 
-@needs_compiler
-def test_indices_the_kernel_would_misread_are_refused():
+def test_indices_the_kernel_would_misread_are_left_to_the_indexed_write():
     tensor = torch.randn(32, 32)
     starts = torch.tensor([0, 16, 512, 528])
-    with pytest.raises(ValueError, match="int64"):
-        block_zero.zero_blocks_([(tensor, starts.int(), BLOCK)])
-    with pytest.raises(ValueError, match="contiguous"):
-        block_zero.zero_blocks_([(tensor, starts[::2], BLOCK)])
+    assert block_zero.matrix_row(tensor, starts, BLOCK) is not None
+    assert block_zero.matrix_row(tensor, starts.int(), BLOCK) is None
+    assert block_zero.matrix_row(tensor, starts[::2], BLOCK) is None
