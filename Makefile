@@ -10,8 +10,8 @@ export HF_DATASETS_OFFLINE ?= 1
 
 .PHONY: demo test test-slow lint embedded
 
-# pip byte-compiles the dependencies on one core, compileall on all of them (200 s against 134 s for the
-# whole install on two cores). They must be compiled here: where PYTHONDONTWRITEBYTECODE is set, as on
+# pip byte-compiles the dependencies on one core, compileall on all of them (this install: 197 s against
+# 162-178 s on two cores). They must be compiled here: where PYTHONDONTWRITEBYTECODE is set, as on
 # our machines, no later process writes a .pyc. compileall exits 1 for the few files written for
 # another Python version (torch's py312_intrinsics.py), which pip's compilation skips as well.
 $(INSTALLED): requirements.txt pyproject.toml
