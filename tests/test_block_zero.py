@@ -115,7 +115,7 @@ def test_the_kernel_is_built_once_into_the_cache(fresh_kernel, tmp_path):
     assert [path.name.startswith("block_zero-") for path in (tmp_path / "dense_ft").iterdir()] == [True]
 
 
-def test_indices_the_kernel_would_misread_are_left_to_the_indexed_write():
+def test_indices_the_kernel_would_misread_are_not_given_to_it():
     tensor = torch.randn(32, 32)
     starts = torch.tensor([0, 16, 512, 528])
     assert block_zero.matrix_row(tensor, starts, BLOCK) is not None
