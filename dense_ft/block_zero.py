@@ -26,7 +26,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("block_zero.c")
-ALIGNMENT = 16  # bytes of one streaming store
+ALIGNMENT = 16  # bytes of one streaming store; a power of two, so matrix_row can test several sizes in one OR
 
 
 def matrix_row(tensor: torch.Tensor, block_starts: torch.Tensor, block_size: int) -> tuple | None:
@@ -42,7 +42,7 @@ def matrix_row(tensor: torch.Tensor, block_starts: torch.Tensor, block_size: int
         return None
     address, element = tensor.data_ptr(), tensor.element_size()
     row_bytes = tensor.shape[1] * element
-    if (address | row_bytes | block_size * element) % ALIGNMENT:  # a power of two: all three are multiples
+    if (address | row_bytes | block_size * element) % ALIGNMENT:  # 0 only when all three are multiples of it
         return None
     return address, row_bytes, element, block_size, block_starts.data_ptr(), block_starts.numel()
 
