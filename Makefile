@@ -31,8 +31,10 @@ lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/shellcheck run_dense_finetune_block_20sparsity.sh .ci/run bench/run_gpu_checks.sh
 
+# One worker per core (tests/conftest.py gives each its share of the threads); past four the demo's test,
+# the longest, bounds the suite anyway.
 test: embedded lint
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -n auto --maxprocesses 4 --dist loadgroup tests
 
 test-slow: embedded
 	$(PYTHON) -m pytest -q -m slow tests

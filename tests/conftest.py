@@ -10,12 +10,23 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # `pytest -n`: the workers, and the processes they start, share the cores
+    cores_per_worker = max(1, os.cpu_count() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(cores_per_worker))
 
 import prepare_embedded  # scripts/, on pytest's pythonpath
 from tiny_models import tiny_llama, zero_random_blocks
 from transformers import AutoTokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(items):
+    """For `pytest -n --dist loadgroup`: each module's tests on one worker, so that its fixtures are built once, and
+    all tests of the pruned embedded default on one worker, so that it is pruned once."""
+    for item in items:
+        group = "embedded_pruned" if "embedded_pruned" in item.fixturenames else item.path.stem
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def run_python(*args, timeout=600, **kwargs) -> subprocess.CompletedProcess:
