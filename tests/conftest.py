@@ -21,14 +21,6 @@ from transformers import AutoTokenizer
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def pytest_collection_modifyitems(items):
-    """For `pytest -n --dist loadgroup`: each module's tests on one worker, so that its fixtures are built once, and
-    all tests of the pruned embedded default on one worker, so that it is pruned once."""
-    for item in items:
-        group = "embedded_pruned" if "embedded_pruned" in item.fixturenames else item.path.stem
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
 def run_python(*args, timeout=600, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *map(str, args)], cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=timeout, **kwargs)
