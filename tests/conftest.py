@@ -10,15 +10,19 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # `pytest -n`: the workers, and the processes they start, share the cores
-    cores_per_worker = max(1, os.cpu_count() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
-    os.environ.setdefault("OMP_NUM_THREADS", str(cores_per_worker))
 
 import prepare_embedded  # scripts/, on pytest's pythonpath
+import torch
 from tiny_models import tiny_llama, zero_random_blocks
 from transformers import AutoTokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    # `pytest -n`: the workers, and the processes they start, share the cores torch would use alone
+    threads_per_worker = max(1, torch.get_num_threads() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(threads_per_worker)
+    os.environ["OMP_NUM_THREADS"] = str(threads_per_worker)
 
 
 def run_python(*args, timeout=600, **kwargs) -> subprocess.CompletedProcess:
