@@ -17,6 +17,7 @@ import os
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.nn import functional as F
 from transformers import Trainer
@@ -111,25 +112,32 @@ class MaskedLoraLinear(LoraLinear):
         return result
 
 
-def _sparse_lora_config(config: LoraConfig) -> LoraConfig:
+def sparse_lora_config(config: LoraConfig) -> LoraConfig:
+    """``config`` (changed in place) such that ``get_peft_model`` adds ``MaskedLoraLinear`` layers to linear layers."""
     if config.use_dora or config.lora_bias:
         raise UserError("sparse LoRA supports plain LoRA adapters (no DoRA, no LoRA bias)")
     config._register_custom_module({nn.Linear: MaskedLoraLinear})
     return config
 
 
-def _attach_masks(peft_model: PeftModel, masks: SparsityMasks) -> PeftModel:
+def attach_masks(peft_model: PeftModel, masks: SparsityMasks) -> PeftModel:
+    """Give every sparse-LoRA layer the mask of its base weight; refuse any other adapter on a pruned weight."""
     by_base_layer = {masks.linears[name]: mask for name, mask in masks.masks.items()}
-    for module in peft_model.modules():
+    for name, module in peft_model.named_modules():
         if isinstance(module, MaskedLoraLinear):
             module.pruned = by_base_layer.get(module.get_base_layer())
+        elif isinstance(module, BaseTunerLayer) and module.get_base_layer() in by_base_layer:
+            raise UserError(f"{name} is a {type(module).__module__}.{type(module).__name__} adapter on a pruned "
+                            "weight: its update would fill the pruned blocks. Add LoRA adapters with "
+                            "dense_ft.sparse_lora.add_sparse_lora or load_sparse_lora, or give the trainer "
+                            "peft_config=LoraConfig(...)")
     return peft_model
 
 
 def add_sparse_lora(model: nn.Module, config: LoraConfig) -> PeftModel:
     """``get_peft_model`` with every adapted layer masked by the pruned blocks of ``model``."""
     masks = SparsityMasks(model)
-    return _attach_masks(get_peft_model(model, _sparse_lora_config(config)), masks)
+    return attach_masks(get_peft_model(model, sparse_lora_config(config)), masks)
 
 
 def check_adapter_source(adapter: str) -> None:
@@ -149,9 +157,9 @@ def load_sparse_lora(model: nn.Module, adapter: str, is_trainable: bool = False)
         raise UserError(f"cannot load adapter {adapter!r}: {str(error).splitlines()[0]}") from error
     if not isinstance(config, LoraConfig) or config.peft_type != "LORA":
         raise UserError(f"{adapter} is a {config.peft_type} adapter, not LoRA")
-    peft_model = PeftModel.from_pretrained(model, adapter, config=_sparse_lora_config(config),
+    peft_model = PeftModel.from_pretrained(model, adapter, config=sparse_lora_config(config),
                                            is_trainable=is_trainable)
-    return _attach_masks(peft_model, masks)
+    return attach_masks(peft_model, masks)
 
 
 def lora_config(rank: int, alpha: float, dropout: float, target_modules: list[str]) -> LoraConfig:

@@ -6,17 +6,22 @@ model the trainer is given. On every real optimizer step (not on gradient-accumu
 micro-steps) the gradients of pruned weights are zeroed before clipping and the step, so the
 optimizer's moments for them stay zero, and the weights are re-masked right after the step.
 The mask is never re-derived from ``W == 0`` during training: a kept weight that passes
-through zero stays trainable. The run is guarded as well (``GuardedTrainingMixin``): divergence
-stops it, checkpoints are complete or absent.
+through zero stays trainable. LoRA adapters, in the model given or added by the trainer from a
+``peft_config`` (TRL's trainers), are sparse LoRA (``dense_ft.sparse_lora``): their update, and
+so their merge, never reaches a pruned block; any other adapter on a pruned weight is refused.
+The run is guarded as well (``GuardedTrainingMixin``): divergence stops it, checkpoints are
+complete or absent.
 """
 
 import torch
+from peft import LoraConfig
 from transformers import Trainer, TrainerCallback
 from transformers.training_args import ParallelMode
 
 from .errors import UserError
 from .guarded_trainer import GuardedTrainingMixin
 from .masks import SparsityMasks
+from .sparse_lora import attach_masks, sparse_lora_config
 from .sparsity import check_sparsity
 
 __all__ = ["SparseTrainer", "SparseTrainingMixin", "check_sparsity"]
@@ -34,6 +39,8 @@ class SparseTrainingMixin(GuardedTrainingMixin):
     """Keeps a ``transformers.Trainer`` subclass's pruned weights at zero: list it first among the bases."""
 
     def __init__(self, *args, **kwargs):
+        if isinstance(kwargs.get("peft_config"), LoraConfig):  # TRL's trainers add the adapters it describes
+            kwargs["peft_config"] = sparse_lora_config(kwargs["peft_config"])
         super().__init__(*args, **kwargs)
         if self.is_deepspeed_enabled:
             raise UserError("DeepSpeed is not supported: its engine steps inside backward, before the masks "
@@ -42,6 +49,7 @@ class SparseTrainingMixin(GuardedTrainingMixin):
             raise UserError("--fp16 needs float32 weights (loss scaling cannot unscale float16 gradients): "
                             "load the model in float32, or train with --bf16")
         self.masks = SparsityMasks(self.model)
+        attach_masks(self.model, self.masks)
         self.add_callback(_ReapplyMasksAfterStep(self.masks))
 
     def _check_replicas_synchronize(self, model) -> None:

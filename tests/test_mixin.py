@@ -1,14 +1,19 @@
 """SparseTrainingMixin keeps the pruned pattern in any Trainer subclass: TRL's SFTTrainer, a user's own."""
 
+import pytest
 import torch
 from datasets import Dataset
-from test_sparse_trainer import assert_pruned_weights_zero, token_dataset, training_args
+from peft import LoraConfig, get_peft_model
+from test_sparse_trainer import assert_pruned_weights_zero, pruned_tiny_model, token_dataset, training_args
 from tiny_models import tiny_llama, zero_random_blocks
 from transformers import AutoModelForCausalLM, Trainer
 from trl import SFTConfig, SFTTrainer
 
+from dense_ft.errors import UserError
 from dense_ft.masks import SparsityMasks
-from dense_ft.sparse_trainer import SparseTrainingMixin
+from dense_ft.merge_lora import update_on_pruned_blocks
+from dense_ft.sparse_lora import LLAMA_TARGET_MODULES, MaskedLoraLinear, add_sparse_lora, lora_config
+from dense_ft.sparse_trainer import SparseTrainer, SparseTrainingMixin
 from dense_ft.sparsity import prunable_linears
 
 
@@ -24,6 +29,16 @@ class LabelSmoothingTrainer(Trainer):
 
 class SparseLabelSmoothingTrainer(SparseTrainingMixin, LabelSmoothingTrainer):
     pass
+
+
+class SparseSFTTrainer(SparseTrainingMixin, SFTTrainer):
+    pass
+
+
+def sft_config(output_dir, **overrides) -> SFTConfig:
+    settings = dict(max_steps=2, per_device_train_batch_size=2, learning_rate=1e-4, max_length=64, use_cpu=True,
+                    report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0)
+    return SFTConfig(str(output_dir), **{**settings, **overrides})
 
 
 def test_the_mixin_on_a_custom_trainer_subclass(tmp_path):
@@ -52,16 +67,10 @@ def chat_dataset(corpus_dir, rows=4) -> Dataset:
 
 def test_trl_sft_trainer_keeps_the_embedded_defaults_pruned_blocks(tmp_path, embedded_pruned, embedded_corpus_dir,
                                                                     tokenizer):
-    class SparseSFTTrainer(SparseTrainingMixin, SFTTrainer):
-        pass
-
     pruned_dir = embedded_pruned / "pruned_model"
     model = AutoModelForCausalLM.from_pretrained(pruned_dir)
     before = {name: m.weight.detach().clone() for name, m in prunable_linears(model).items()}
-    config = SFTConfig(str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-4,
-                           max_length=64, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
-                           disable_tqdm=True, seed=0)
-    trainer = SparseSFTTrainer(model=model, args=config, train_dataset=chat_dataset(embedded_corpus_dir),
+    trainer = SparseSFTTrainer(model=model, args=sft_config(tmp_path), train_dataset=chat_dataset(embedded_corpus_dir),
                                processing_class=tokenizer)
     assert len(trainer.masks) == 210
     trainer.train()
@@ -69,3 +78,31 @@ def test_trl_sft_trainer_keeps_the_embedded_defaults_pruned_blocks(tmp_path, emb
     reference = SparsityMasks(AutoModelForCausalLM.from_pretrained(pruned_dir))
     assert reference.violations(model) == {}
     assert sum(not torch.equal(before[name], m.weight) for name, m in prunable_linears(model).items()) == 210
+
+
+def test_a_peft_config_given_to_sft_trainer_becomes_sparse_lora_whose_merge_keeps_the_pruned_blocks(
+        tmp_path, tiny_pruned_dir, embedded_corpus_dir, tokenizer):
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=list(LLAMA_TARGET_MODULES), task_type="CAUSAL_LM")
+    trainer = SparseSFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_pruned_dir),
+                               args=sft_config(tmp_path, learning_rate=1e-2), peft_config=peft_config,
+                               train_dataset=chat_dataset(embedded_corpus_dir), processing_class=tokenizer)
+    adapted = [module for module in trainer.model.modules() if isinstance(module, MaskedLoraLinear)]
+    assert len(adapted) == 14 and all(module.pruned is not None for module in adapted)
+    trainer.train()
+    # What TRL's plain LoRA would have merged into the pruned blocks: the masking is what keeps them zero.
+    assert update_on_pruned_blocks(trainer.model)["pruned_weights_a_plain_merge_would_change"] > 0
+    merged = trainer.model.merge_and_unload()
+    original = AutoModelForCausalLM.from_pretrained(tiny_pruned_dir)
+    assert SparsityMasks(original).violations(merged) == {}
+    assert all(not torch.equal(original.get_submodule(name).weight, linear.weight)
+               for name, linear in prunable_linears(merged).items())
+
+
+def test_plain_peft_adapters_on_pruned_weights_are_refused_and_sparse_lora_is_taken(tmp_path):
+    plain = get_peft_model(pruned_tiny_model()[0], lora_config(4, 8, 0.0, ["q_proj"]))
+    with pytest.raises(UserError, match=r"layers\.0\.self_attn\.q_proj is a peft\.tuners\.lora\.layer\.Linear adapter "
+                                        "on a pruned weight"):
+        SparseTrainer(model=plain, args=training_args(tmp_path), train_dataset=token_dataset())
+    sparse = add_sparse_lora(pruned_tiny_model()[0], lora_config(4, 8, 0.0, ["q_proj"]))
+    assert len(SparseTrainer(model=sparse, args=training_args(tmp_path), train_dataset=token_dataset()).masks) == 14
+
