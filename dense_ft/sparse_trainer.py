@@ -1,10 +1,12 @@
 """``SparseTrainingMixin``: any ``transformers.Trainer`` in which pruned weights stay exactly zero.
 
 Mixed in before the Trainer class (``class SparseSFTTrainer(SparseTrainingMixin, SFTTrainer)``);
-``SparseTrainer`` is the mixin on the plain ``Trainer``. The masks are captured once, from the
-model the trainer is given. On every real optimizer step (not on gradient-accumulation
-micro-steps) the gradients of pruned weights are zeroed before clipping and the step, so the
-optimizer's moments for them stay zero, and the weights are re-masked right after the step.
+``SparseTrainer`` is the mixin on the plain ``Trainer``. The masks are captured once per model:
+the one the trainer is given, or each one ``model_init`` builds (``train()`` and every
+``hyperparameter_search`` trial build a fresh one). On every real optimizer step (not on
+gradient-accumulation micro-steps) the gradients of pruned weights are zeroed before clipping
+and the step, so the optimizer's moments for them stay zero, and the weights are re-masked
+right after the step.
 The mask is never re-derived from ``W == 0`` during training: a kept weight that passes
 through zero stays trainable. LoRA adapters, in the model given or added by the trainer from a
 ``peft_config`` (TRL's trainers), are sparse LoRA (``dense_ft.sparse_lora``): their update, and
@@ -28,11 +30,11 @@ __all__ = ["SparseTrainer", "SparseTrainingMixin", "check_sparsity"]
 
 
 class _ReapplyMasksAfterStep(TrainerCallback):
-    def __init__(self, masks: SparsityMasks):
-        self.masks = masks
+    def __init__(self, trainer: "SparseTrainingMixin"):
+        self.trainer = trainer  # its masks, not these: each model from model_init has its own
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        self.masks.apply_to_weights()
+        self.trainer.masks.apply_to_weights()
 
 
 class SparseTrainingMixin(GuardedTrainingMixin):
@@ -48,9 +50,19 @@ class SparseTrainingMixin(GuardedTrainingMixin):
         if self.args.fp16 and any(p.dtype == torch.float16 for p in self.model.parameters()):
             raise UserError("--fp16 needs float32 weights (loss scaling cannot unscale float16 gradients): "
                             "load the model in float32, or train with --bf16")
-        self.masks = SparsityMasks(self.model)
-        attach_masks(self.model, self.masks)
-        self.add_callback(_ReapplyMasksAfterStep(self.masks))
+        if self.model_init is None:  # else call_model_init has captured them
+            self._capture_masks(self.model)
+        self.add_callback(_ReapplyMasksAfterStep(self))
+
+    def call_model_init(self, trial=None):
+        # train() builds a fresh model from model_init (once per hyperparameter_search trial): masks for each.
+        model = super().call_model_init(trial)
+        self._capture_masks(model)
+        return model
+
+    def _capture_masks(self, model) -> None:
+        self.masks = SparsityMasks(model)
+        attach_masks(model, self.masks)
 
     def _check_replicas_synchronize(self, model) -> None:
         """Several processes without DDP, FSDP or a model sharded at load would train apart, silently."""

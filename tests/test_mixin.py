@@ -106,3 +106,11 @@ def test_plain_peft_adapters_on_pruned_weights_are_refused_and_sparse_lora_is_ta
     sparse = add_sparse_lora(pruned_tiny_model()[0], lora_config(4, 8, 0.0, ["q_proj"]))
     assert len(SparseTrainer(model=sparse, args=training_args(tmp_path), train_dataset=token_dataset()).masks) == 14
 
+
+def test_every_model_from_model_init_is_masked_the_one_train_builds_included(tmp_path):
+    pruned = pruned_tiny_model()[1]
+    trainer = SparseTrainer(model_init=lambda: pruned_tiny_model()[0], args=training_args(tmp_path),
+                            train_dataset=token_dataset())
+    trainer.train()  # Trainer.train() calls model_init again: the model it trains is not the one __init__ saw
+    assert_pruned_weights_zero(trainer.model, pruned)
+    assert trainer.masks.linears == prunable_linears(trainer.model)
