@@ -298,6 +298,18 @@ class SparsityMasks:
         apply_masks_((local_tensor(weight.grad), mask) for _, weight, mask in self._weights_and_masks()
                      if weight.grad is not None)
 
+    def attach_to_optimizer(self, optimizer: torch.optim.Optimizer) -> tuple:
+        """Keep the pattern in a training loop of one's own: each ``optimizer.step()`` zeroes the pruned
+        gradients first (the optimizer's moments for them stay zero) and re-masks the weights after.
+
+        Returns the two hooks' handles (``.remove()`` detaches them). Attach to the torch optimizer itself,
+        before ``accelerator.prepare`` wraps it. The trainers also mask the gradients before clipping,
+        which keeps them out of the norm: ``apply_to_grads()`` before ``clip_grad_norm_`` does the same.
+        Under FSDP2, call ``match_local_shards()`` once the model is sharded.
+        """
+        return (optimizer.register_step_pre_hook(lambda *_: self.apply_to_grads()),
+                optimizer.register_step_post_hook(lambda *_: self.apply_to_weights()))
+
     @torch.no_grad()
     def violations(self, model: nn.Module | None = None) -> dict[str, int]:
         """Non-zero weights at pruned positions, by layer (only layers that have any).

@@ -176,3 +176,27 @@ def test_a_block_mask_refuses_a_tensor_of_another_shape():
         with pytest.raises(ValueError, match="cannot mask a tensor of shape"):
             apply(tensor)  # the CPU kernel's pass, where it can, and the indexed write
         assert tensor.all()
+
+
+def test_a_training_loop_of_ones_own_keeps_the_pattern_through_the_optimizer_hooks():
+    def train(attach: bool):
+        model = tiny_llama()
+        pruned = zero_random_blocks(model)
+        masks = SparsityMasks(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        if attach:
+            masks.attach_to_optimizer(optimizer)
+        ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+        for _ in range(3):
+            model(input_ids=ids, labels=ids).loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+        return model, masks, optimizer, pruned
+
+    model, masks, optimizer, pruned = train(attach=True)
+    assert masks.violations() == {}
+    for name, linear in prunable_linears(model).items():
+        assert linear.weight.detach()[~pruned[name]].ne(0).float().mean() > 0.99
+        assert optimizer.state[linear.weight]["exp_avg"][pruned[name]].eq(0).all()
+    assert train(attach=False)[1].violations()  # without the hooks AdamW fills the pruned blocks
