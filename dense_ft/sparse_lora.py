@@ -12,6 +12,7 @@ In bf16 the forward therefore computes with ``W + s * M * (B @ A)`` rounded to b
 what the merged bf16 model computes.
 """
 
+import dataclasses
 import os
 
 import torch
@@ -28,6 +29,9 @@ from .masks import Mask, SparsityMasks
 from .modeling import looks_like_local_path, save_model
 
 LLAMA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The initializations that leave the base weight as it is: PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA subtract the
+# adapter's first update from it, which fills the pruned blocks; MiCA is a variant (its B stays frozen).
+BASE_PRESERVING_INITS = (True, False, "gaussian", "eva", "orthogonal")
 
 
 def masked_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, pruned: Mask | None) -> torch.Tensor:
@@ -113,9 +117,18 @@ class MaskedLoraLinear(LoraLinear):
 
 
 def sparse_lora_config(config: LoraConfig) -> LoraConfig:
-    """``config`` (changed in place) such that ``get_peft_model`` adds ``MaskedLoraLinear`` layers to linear layers."""
-    if config.use_dora or config.lora_bias:
-        raise UserError("sparse LoRA supports plain LoRA adapters (no DoRA, no LoRA bias)")
+    """``config`` (changed in place) such that ``get_peft_model`` adds ``MaskedLoraLinear`` layers to linear layers.
+
+    Refused: LoRA variants (DoRA and the others PEFT marks so in ``LoraConfig``: their forward and merge are not
+    ``W + s * B @ A``), a LoRA bias, and initializations that rewrite the base weight.
+    """
+    variants = [field.name for field in dataclasses.fields(config)
+                if field.metadata.get("is_lora_variant") and getattr(config, field.name)]
+    if variants or config.lora_bias:
+        raise UserError(f"sparse LoRA supports plain LoRA adapters, not {', '.join(variants) or 'lora_bias'}")
+    if config.init_lora_weights not in BASE_PRESERVING_INITS:
+        raise UserError(f"init_lora_weights={config.init_lora_weights!r} rewrites the base weight, pruned blocks "
+                        f"included: sparse LoRA takes {', '.join(map(repr, BASE_PRESERVING_INITS))}")
     config._register_custom_module({nn.Linear: MaskedLoraLinear})
     return config
 

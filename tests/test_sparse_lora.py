@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from torch.nn import functional as F
 from transformers import AutoModelForCausalLM, Trainer
 
 from dense_ft import sparse_lora
+from dense_ft.errors import UserError
 from dense_ft.masks import SparsityMasks
 from dense_ft.sparse_lora import LLAMA_TARGET_MODULES, MaskedLoraLinear, add_sparse_lora, load_sparse_lora
 from dense_ft.sparsity import prunable_linears
@@ -159,3 +161,24 @@ def test_bf16_training_and_merge_compute_the_same_function(tmp_path):
         assert torch.equal(merged(input_ids=INPUT).logits, unmerged)  # the same bf16 weights, rounded once
     for name, linear in prunable_linears(merged).items():
         assert linear.weight.dtype == torch.bfloat16 and linear.weight[pruned[name]].eq(0).all(), name
+
+
+@pytest.mark.parametrize("overrides, refusal", [
+    (dict(use_dora=True), "plain LoRA adapters, not use_dora"),
+    (dict(alora_invocation_tokens=[1]), "plain LoRA adapters, not alora_invocation_tokens"),
+    (dict(lora_bias=True), "plain LoRA adapters, not lora_bias"),
+    (dict(init_lora_weights="pissa"), "init_lora_weights='pissa' rewrites the base weight"),
+    (dict(init_lora_weights="olora"), "init_lora_weights='olora' rewrites the base weight"),
+])
+def test_lora_variants_a_bias_and_inits_that_rewrite_the_base_weight_are_refused(overrides, refusal):
+    with pytest.raises(UserError, match=re.escape(refusal)):
+        add_sparse_lora(pruned_model()[0], config(**overrides))
+
+
+def test_pissa_would_fill_the_pruned_blocks_of_the_base_weight():
+    """Why the refusal: PiSSA subtracts its first update from the base weight, pruned blocks included."""
+    model, pruned = pruned_model()
+    peft_model = get_peft_model(model, config(init_lora_weights="pissa"))
+    base_weights = {name.removeprefix("base_model.model.").removesuffix(".base_layer"): linear.weight
+                    for name, linear in prunable_linears(peft_model).items()}
+    assert all(base_weights[name][positions].ne(0).any() for name, positions in pruned.items())
