@@ -247,7 +247,11 @@ class SparsityMasks:
         self.linears: dict[str, nn.Linear] = prunable_linears(model)
         self.masks: dict[str, Mask] = {}
         for name, linear in self.linears.items():
-            mask = capture_mask(local_tensor(linear.weight), block_size)
+            weight = local_tensor(linear.weight)
+            if not weight.is_floating_point():  # bitsandbytes' 4- and 8-bit layers hold packed integers
+                raise UserError(f"{name} holds quantized {weight.dtype} weights, which the masks cannot keep "
+                                "sparse: load the model unquantized (float32, bfloat16 or float16)")
+            mask = capture_mask(weight, block_size)
             if mask is not None:
                 self.masks[name] = mask
         self.stray_zeros = 0

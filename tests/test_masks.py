@@ -200,3 +200,12 @@ def test_a_training_loop_of_ones_own_keeps_the_pattern_through_the_optimizer_hoo
         assert linear.weight.detach()[~pruned[name]].ne(0).float().mean() > 0.99
         assert optimizer.state[linear.weight]["exp_avg"][pruned[name]].eq(0).all()
     assert train(attach=False)[1].violations()  # without the hooks AdamW fills the pruned blocks
+
+
+def test_quantized_weights_are_refused_in_one_line():
+    model = tiny_llama()
+    zero_random_blocks(model)
+    q_proj = model.model.layers[1].self_attn.q_proj
+    q_proj.weight = torch.nn.Parameter(torch.zeros(2048, 1, dtype=torch.uint8), requires_grad=False)  # packed 4-bit
+    with pytest.raises(UserError, match=r"^model\.layers\.1\.self_attn\.q_proj holds quantized torch\.uint8 weights"):
+        SparsityMasks(model)
