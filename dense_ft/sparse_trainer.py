@@ -1,18 +1,17 @@
 """``SparseTrainingMixin``: any ``transformers.Trainer`` in which pruned weights stay exactly zero.
 
-Mixed in before the Trainer class (``class SparseSFTTrainer(SparseTrainingMixin, SFTTrainer)``);
-``SparseTrainer`` is the mixin on the plain ``Trainer``. The masks are captured once per model:
-the one the trainer is given, or each one ``model_init`` builds (``train()`` and every
-``hyperparameter_search`` trial build a fresh one). On every real optimizer step (not on
-gradient-accumulation micro-steps) the gradients of pruned weights are zeroed before clipping
-and the step, so the optimizer's moments for them stay zero, and the weights are re-masked
-right after the step.
-The mask is never re-derived from ``W == 0`` during training: a kept weight that passes
-through zero stays trainable. LoRA adapters, in the model given or added by the trainer from a
-``peft_config`` (TRL's trainers), are sparse LoRA (``dense_ft.sparse_lora``): their update, and
-so their merge, never reaches a pruned block; any other adapter on a pruned weight is refused.
-The run is guarded as well (``GuardedTrainingMixin``): divergence stops it, checkpoints are
-complete or absent.
+Mixed in before the Trainer class (``class SparseSFTTrainer(SparseTrainingMixin,
+SFTTrainer)``); ``SparseTrainer`` is the mixin on the plain ``Trainer``. The masks are captured
+once per model: the one the trainer is given, or each one ``model_init`` builds (``train()``
+and every ``hyperparameter_search`` trial build a fresh one). On every real optimizer step (not
+on gradient-accumulation micro-steps) the gradients of pruned weights are zeroed before
+clipping and the step, so the optimizer's moments for them stay zero, and the weights are
+re-masked right after the step. The mask is never re-derived from ``W == 0`` during training: a
+kept weight that passes through zero stays trainable. LoRA adapters, in the model given or
+added by the trainer from a ``peft_config`` (TRL's trainers), are sparse LoRA
+(``dense_ft.sparse_lora``): their update, and so their merge, never reaches a pruned block; any
+other adapter on a pruned weight is refused. The run is guarded as well
+(``GuardedTrainingMixin``): divergence stops it, checkpoints are complete or absent.
 """
 
 import torch
