@@ -312,6 +312,15 @@ def save_initial_evaluation(trainer: Trainer) -> None:
             return
 
 
+def final_evaluation(trainer: Trainer) -> dict:
+    """The final model's evaluation: the loop's own when it evaluated at the last step (the same model, the
+    same data), else a new one. With load_best_model_at_end the final model may be another step's."""
+    last = next((record for record in reversed(trainer.state.log_history) if "eval_loss" in record), None)
+    if last is not None and last["step"] == trainer.state.global_step and not trainer.args.load_best_model_at_end:
+        return {key: value for key, value in last.items() if key != "step"}
+    return trainer.evaluate()
+
+
 def check_optimizer(training_args: SparseTrainingArguments, model) -> None:
     """Refuse an --optim / --optim_args the Trainer cannot build (a missing package, say) before training."""
     try:
@@ -456,7 +465,7 @@ def save_and_report(trainer: SparseTrainer | SparseLoraTrainer, train_metrics: d
                                          f"NO ({sum(violations.values())} pruned weights are non-zero)"))
     if trainer.eval_dataset is not None:
         save_initial_evaluation(trainer)
-        metrics = trainer.evaluate()
+        metrics = final_evaluation(trainer)
         metrics["perplexity"] = perplexity(metrics["eval_loss"])
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics, combined=False)

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -128,6 +129,28 @@ def test_a_finished_model_is_not_overwritten_without_asking(tmp_path, tiny_prune
     overwrite = run_python(*finetune_args(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 2,
                                           "--overwrite_output_dir", "true"))
     assert overwrite.returncode == 0, overwrite.stderr[-2000:]
+
+
+@pytest.mark.parametrize("evaluation", [["--eval_strategy", "steps", "--eval_steps", 3], ["--eval_strategy", "no"]],
+                         ids=["steps", "no"])
+def test_the_final_evaluation_is_the_last_steps_own_when_the_loop_ran_one_there(evaluation, tmp_path, tiny_pruned_dir,
+                                                                                 small_corpus_dir):
+    output = tmp_path / "run"
+    args = finetune_args(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 4, *evaluation)[1:]
+    with pytest.raises(SystemExit) as exited:
+        finetune_main(list(map(str, args)))
+    assert exited.value.code == 0
+    final = json.loads((output / "eval_results.json").read_text())
+    in_loop = [record for record in json.loads((output / "trainer_state.json").read_text())["log_history"]
+               if "eval_loss" in record]
+    last = {key: value for key, value in in_loop[-1].items() if key != "step"}
+    if "steps" in evaluation:  # the loop evaluates the final model at the last step too: its figures are reused
+        assert [record["step"] for record in in_loop] == [0, 3, 4]
+        assert {key: final[key] for key in last} == last  # the runtime included: no second pass
+    else:  # only the evaluation before training: a new one of the final model
+        assert [record["step"] for record in in_loop] == [0]
+        assert final["eval_loss"] != last["eval_loss"] and final["eval_runtime"] != last["eval_runtime"]
+    assert final["perplexity"] == pytest.approx(math.exp(final["eval_loss"]))
 
 
 def test_check_sparsity_reference_catches_a_planted_violation(tmp_path, tiny_pruned_dir):
