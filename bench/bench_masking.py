@@ -19,7 +19,7 @@ import statistics
 
 import torch
 from bench_gpu_recipes import CONFIGS, build_model
-from step_timer import median_seconds
+from step_timer import median_seconds, milliseconds
 
 from dense_ft import block_zero
 from dense_ft.masks import SparsityMasks, local_tensor
@@ -75,16 +75,16 @@ def main():
     weight_bytes = sum(linear.weight.nbytes for linear in masks.linears.values())
     report = {"config": args.config, "device": args.device, "dtype": args.dtype, "matrices": len(masks),
               "weight_gib": round(weight_bytes / 2**30, 3), "pruned_gib": round(pruned.nbytes / 2**30, 3),
-              "mask_mib": round(masks.nbytes / 2**20, 2), "pass_ms": round(pass_seconds * 1e3, 2),
-              "indexed_ms": round(indexed_seconds * 1e3, 2), "floor_ms": round(floor_seconds * 1e3, 2),
+              "mask_mib": round(masks.nbytes / 2**20, 2), "pass_ms": milliseconds(pass_seconds),
+              "indexed_ms": milliseconds(indexed_seconds), "floor_ms": milliseconds(floor_seconds),
               "pass_over_floor": round(pass_seconds / floor_seconds, 2),
               "indexed_over_floor": round(indexed_seconds / floor_seconds, 2),
-              "rounds_ms": {key: [round(s * 1e3, 2) for s in values] for key, values in timings.items()},
+              "rounds_ms": {key: [milliseconds(s) for s in values] for key, values in timings.items()},
               "weight_gib_per_s": round(weight_bytes / 2**30 / pass_seconds, 1)}
     if "kernel" in seconds:
-        report["kernel_ms"] = round(seconds["kernel"] * 1e3, 2)
+        report["kernel_ms"] = milliseconds(seconds["kernel"])
     if "cuda_graph" in seconds:
-        report["cuda_graph_ms"] = round(seconds["cuda_graph"] * 1e3, 2)
+        report["cuda_graph_ms"] = milliseconds(seconds["cuda_graph"])
         report["cuda_graph_over_floor"] = round(seconds["cuda_graph"] / floor_seconds, 2)
     if graph_error:
         report["cuda_graph_error"] = graph_error

@@ -25,6 +25,11 @@ def median_seconds(function, repeats: int) -> float:
     return statistics.median(durations)
 
 
+def milliseconds(seconds: float) -> float:
+    """``seconds`` in ms to three significant digits: a few microseconds do not round to 0."""
+    return float(f"{seconds * 1e3:.3g}")
+
+
 class StepTimer(TrainerCallback):
     """Wall time of every optimizer step of a Trainer."""
 
