@@ -98,13 +98,21 @@ def test_a_peft_config_given_to_sft_trainer_becomes_sparse_lora_whose_merge_keep
                for name, linear in prunable_linears(merged).items())
 
 
-def test_plain_peft_adapters_on_pruned_weights_are_refused_and_sparse_lora_is_taken(tmp_path):
+def test_plain_peft_adapters_on_pruned_weights_are_refused_and_sparse_lora_trains_and_merges_sparse(tmp_path):
     plain = get_peft_model(pruned_tiny_model()[0], lora_config(4, 8, 0.0, ["q_proj"]))
     with pytest.raises(UserError, match=r"layers\.0\.self_attn\.q_proj is a peft\.tuners\.lora\.layer\.Linear adapter "
                                         "on a pruned weight"):
         SparseTrainer(model=plain, args=training_args(tmp_path), train_dataset=token_dataset())
-    sparse = add_sparse_lora(pruned_tiny_model()[0], lora_config(4, 8, 0.0, ["q_proj"]))
-    assert len(SparseTrainer(model=sparse, args=training_args(tmp_path), train_dataset=token_dataset()).masks) == 14
+    model, pruned = pruned_tiny_model()
+    sparse = add_sparse_lora(model, lora_config(4, 8, 0.0, ["q_proj"]))
+    trainer = SparseTrainer(model=sparse, args=training_args(tmp_path), train_dataset=token_dataset())
+    assert len(trainer.masks) == 14
+    trainer.train()
+    assert update_on_pruned_blocks(sparse)["pruned_weights_a_plain_merge_would_change"] > 0
+    merged = sparse.merge_and_unload()
+    assert_pruned_weights_zero(merged, pruned)
+    assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, pruned_tiny_model()[0].model.layers[0]
+                           .self_attn.q_proj.weight)
 
 
 def test_every_model_from_model_init_is_masked_the_one_train_builds_included(tmp_path):
