@@ -111,10 +111,6 @@ class BlockMask:
         b = self.block_size
         return self.pruned_blocks.repeat_interleave(b, dim=0).repeat_interleave(b, dim=1)
 
-    @property
-    def num_rows(self) -> int:
-        return self.grid[0] * self.block_size
-
     def rows(self, start: int, stop: int) -> "Mask":
         """The mask of rows ``[start, stop)``: a BlockMask when they line up with blocks."""
         b = self.block_size
@@ -151,8 +147,8 @@ class ElementMask:
         return self.pruned
 
     @property
-    def num_rows(self) -> int:
-        return self.pruned.shape[0]
+    def shape(self) -> torch.Size:
+        return self.pruned.shape
 
     def rows(self, start: int, stop: int) -> "ElementMask":
         return ElementMask(self.pruned[start:stop])
@@ -183,11 +179,14 @@ def apply_masks_(tensors_and_masks) -> None:
             mask.apply_indexed_(tensor)
 
 
-def shard_row_offset(weight: torch.Tensor) -> int:
+def shard_row_offset(name: str, weight: torch.Tensor) -> int:
     """First global row of this rank's shard of a DTensor sharded on dim 0 (FSDP2's layout)."""
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+    if not is_sharded(weight):
+        raise UserError(f"{name} is {tuple(weight.shape)}, not the matrix its mask was taken from: the masks support "
+                        "FSDP2's row shards, not FSDP1's flattened parameters (set the FSDP config's version to 2)")
     if any(not isinstance(p, Shard) or p.dim != 0 for p in weight.placements):
         raise UserError(f"masks support weights sharded on rows (FSDP2), not {weight.placements}")
     _, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, weight.placements)
@@ -276,8 +275,8 @@ class SparsityMasks:
         misaligned = []
         for name, weight, mask in list(self._weights_and_masks()):
             local = local_tensor(weight)
-            if local.shape[0] != mask.num_rows:
-                start = shard_row_offset(weight)
+            if local.shape != mask.shape:
+                start = shard_row_offset(name, weight)
                 mask = mask.rows(start, start + local.shape[0])
                 if isinstance(self.masks[name], BlockMask) and isinstance(mask, ElementMask):
                     misaligned.append(name)

@@ -3,7 +3,8 @@
 ``train`` shards a tiny pruned Llama with ``fully_shard`` (gloo, CPU), keeps only this rank's
 rows of each mask, trains a few AdamW steps and saves a distributed checkpoint; ``resume``
 loads that checkpoint into a fresh model, re-derives the masks from its shards' zeros and
-trains on. Each rank writes what it saw to ``OUT/rank{R}.{phase}.json``.
+trains on; ``fsdp1`` wraps it in FSDP1 instead, whose flattened parameters the masks refuse.
+Each rank writes what it saw to ``OUT/rank{R}.{phase}.json``.
 """
 
 import json
@@ -20,8 +21,9 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_model_state_dict,
 )
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 
+from dense_ft.errors import UserError
 from dense_ft.masks import SparsityMasks
 from dense_ft.sparsity import check_sparsity, prunable_linears
 
@@ -57,9 +59,19 @@ def full_weights_respect(model, pruned) -> bool:
     return all(state[f"{name}.weight"][pruned[name]].eq(0).all() for name in prunable_linears(model))
 
 
-def main(out: Path, phase: str) -> None:
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
+def fsdp1_refusal() -> str:
+    model = tiny_llama()
+    zero_random_blocks(model)
+    masks = SparsityMasks(model)
+    FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True)
+    try:
+        masks.match_local_shards()
+    except UserError as error:
+        return str(error)
+    return "not refused"
+
+
+def fsdp2_report(out: Path, phase: str) -> dict:
     model, pruned, masks = sharded_model(seed=0 if phase == "train" else 1)
     full_mask_bytes = masks.nbytes
     if phase == "train":
@@ -74,7 +86,7 @@ def main(out: Path, phase: str) -> None:
         masks = SparsityMasks(model)  # re-derived from the zeros of this rank's loaded shards
         train(model, masks, STEPS, seed=100)
     q_proj = model.model.layers[0].self_attn.q_proj.weight
-    report = dict(
+    return dict(
         local_mask_bytes=masks.nbytes, full_mask_bytes=full_mask_bytes,
         local_q_proj_shape=list(q_proj.to_local().shape), global_q_proj_shape=list(q_proj.shape),
         local_masks={name: mask.pruned_blocks.tolist() for name, mask in masks.masks.items()
@@ -82,7 +94,12 @@ def main(out: Path, phase: str) -> None:
         violations=masks.violations(), sparsity=check_sparsity(model),
         full_weights_respect_masks=bool(full_weights_respect(model, pruned)),
     )
-    (out / f"rank{rank}.{phase}.json").write_text(json.dumps(report))
+
+
+def main(out: Path, phase: str) -> None:
+    dist.init_process_group("gloo")
+    report = {"refusal": fsdp1_refusal()} if phase == "fsdp1" else fsdp2_report(out, phase)
+    (out / f"rank{dist.get_rank()}.{phase}.json").write_text(json.dumps(report))
     dist.destroy_process_group()
 
 

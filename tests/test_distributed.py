@@ -1,4 +1,4 @@
-"""Two processes on the CPU (gloo): DDP through the fine-tuning entry point, and the FSDP2 mask path."""
+"""Two processes on the CPU (gloo): DDP through the fine-tuning entry point, the FSDP2 mask path, FSDP1 refused."""
 
 import json
 import subprocess
@@ -74,6 +74,15 @@ def test_fsdp2_training_and_resume_keep_every_pruned_weight_zero(fsdp_reports):
             assert 0.1 < report["sparsity"] < 0.3
     for trained, resumed in zip(fsdp_reports["train"], fsdp_reports["resume"], strict=True):
         assert resumed["local_masks"] == trained["local_masks"]  # re-derived from the checkpoint's shards
+
+
+def test_fsdp1_flattened_weights_are_refused_in_one_line(tmp_path):
+    result = run_torchrun("tests/fsdp_worker.py", tmp_path, "fsdp1")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for rank in (0, 1):
+        refusal = json.loads((tmp_path / f"rank{rank}.fsdp1.json").read_text())["refusal"]
+        assert refusal.startswith("model.layers.0.self_attn.q_proj is (")
+        assert "not FSDP1's flattened parameters (set the FSDP config's version to 2)" in refusal
 
 
 def test_training_unsynchronized_replicas_is_refused(tmp_path):
