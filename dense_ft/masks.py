@@ -14,6 +14,7 @@ blocks, and scattered zeros are unstructured pruning when they are at least
 dense model (0.03% in the embedded default) and stay trainable.
 """
 
+import re
 import warnings
 
 import torch
@@ -33,6 +34,7 @@ from .sparsity import (
 )
 
 DEFAULT_BLOCK_SIZE = 16
+_PEFT_COPY = re.compile(r"\.modules_to_save\.[^.]+$")  # X.modules_to_save.<adapter> copies X.original_module
 UNSTRUCTURED_MIN_FRACTION = 0.01
 
 
@@ -256,6 +258,7 @@ class SparsityMasks:
         self.stray_zeros = 0
         if block_size is None:
             self._drop_stray_zeros()
+        self._share_masks_with_copies()
         self.source = "none" if not self.masks else "sparsity_pattern" if block_size is not None else "zeros"
 
     def _drop_stray_zeros(self) -> None:
@@ -265,6 +268,14 @@ class SparsityMasks:
             self.stray_zeros = zeros
             for name in scattered:
                 del self.masks[name]
+
+    def _share_masks_with_copies(self) -> None:
+        """A PEFT ``modules_to_save`` copy of a pruned weight is that weight trained whole: it takes the mask of
+        the weight it copies, whatever zeros it holds (a copy trained without masks holds none)."""
+        for name in self.linears:
+            original = _PEFT_COPY.sub(".original_module", name)
+            if original != name and original in self.masks:
+                self.masks[name] = self.masks[original]
 
     def match_local_shards(self) -> None:
         """After FSDP2 shards the weights by rows, keep only this rank's rows of each mask, on its device.

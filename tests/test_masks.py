@@ -4,6 +4,7 @@ import re
 import pytest
 import torch
 from conftest import run_python
+from peft import LoraConfig, get_peft_model
 from tiny_models import BLOCK, tiny_llama, zero_random_blocks
 
 from dense_ft.errors import UserError
@@ -209,3 +210,20 @@ def test_quantized_weights_are_refused_in_one_line():
     q_proj.weight = torch.nn.Parameter(torch.zeros(2048, 1, dtype=torch.uint8), requires_grad=False)  # packed 4-bit
     with pytest.raises(UserError, match=r"^model\.layers\.1\.self_attn\.q_proj holds quantized torch\.uint8 weights"):
         SparsityMasks(model)
+
+
+@pytest.mark.parametrize("with_pattern", [True, False])
+def test_a_peft_modules_to_save_copy_takes_the_mask_of_the_weight_it_copies(with_pattern):
+    model = tiny_llama()
+    pruned = zero_random_blocks(model)["model.layers.0.self_attn.q_proj"]
+    if not with_pattern:
+        del model.config.sparsity_pattern
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["v_proj"], modules_to_save=["q_proj"]))
+    copy = peft_model.base_model.model.model.layers[0].self_attn.q_proj.modules_to_save["default"].weight
+    with torch.no_grad():
+        copy.normal_()  # trained whole elsewhere, without masks: no zero left to read the pattern from
+    masks = SparsityMasks(peft_model)
+    name = "base_model.model.model.layers.0.self_attn.q_proj"
+    assert masks.masks[f"{name}.modules_to_save.default"] is masks.masks[f"{name}.original_module"]
+    masks.apply_to_weights()
+    assert copy[pruned].eq(0).all() and copy[~pruned].ne(0).all()

@@ -82,15 +82,18 @@ def test_trl_sft_trainer_keeps_the_embedded_defaults_pruned_blocks(tmp_path, emb
 
 def test_a_peft_config_given_to_sft_trainer_becomes_sparse_lora_whose_merge_keeps_the_pruned_blocks(
         tmp_path, tiny_pruned_dir, embedded_corpus_dir, tokenizer):
-    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=list(LLAMA_TARGET_MODULES), task_type="CAUSAL_LM")
+    # o_proj as a modules_to_save copy: trained whole, so the per-step masks are what keep its pruned blocks zero.
+    adapted_names = [name for name in LLAMA_TARGET_MODULES if name != "o_proj"]
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=adapted_names, modules_to_save=["o_proj"],
+                             task_type="CAUSAL_LM")
     trainer = SparseSFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_pruned_dir),
                                args=sft_config(tmp_path, learning_rate=1e-2), peft_config=peft_config,
                                train_dataset=chat_dataset(embedded_corpus_dir), processing_class=tokenizer)
     adapted = [module for module in trainer.model.modules() if isinstance(module, MaskedLoraLinear)]
-    assert len(adapted) == 14 and all(module.pruned is not None for module in adapted)
+    assert len(adapted) == 12 and all(module.pruned is not None for module in adapted)
     trainer.train()
     # What TRL's plain LoRA would have merged into the pruned blocks: the masking is what keeps them zero.
-    assert update_on_pruned_blocks(trainer.model)["pruned_weights_a_plain_merge_would_change"] > 0
+    assert update_on_pruned_blocks(trainer.model, trainer.masks)["pruned_weights_a_plain_merge_would_change"] > 0
     merged = trainer.model.merge_and_unload()
     original = AutoModelForCausalLM.from_pretrained(tiny_pruned_dir)
     assert SparsityMasks(original).violations(merged) == {}
@@ -108,7 +111,7 @@ def test_plain_peft_adapters_on_pruned_weights_are_refused_and_sparse_lora_train
     trainer = SparseTrainer(model=sparse, args=training_args(tmp_path), train_dataset=token_dataset())
     assert len(trainer.masks) == 14
     trainer.train()
-    assert update_on_pruned_blocks(sparse)["pruned_weights_a_plain_merge_would_change"] > 0
+    assert update_on_pruned_blocks(sparse, trainer.masks)["pruned_weights_a_plain_merge_would_change"] > 0
     merged = sparse.merge_and_unload()
     assert_pruned_weights_zero(merged, pruned)
     assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, pruned_tiny_model()[0].model.layers[0]
