@@ -4,7 +4,9 @@
 
 The adapter may come from anywhere (plain PEFT, TRL, another trainer): its update is masked by
 the pruned blocks of PRUNED_MODEL before it is added, and the report says how much of it fell
-on pruned blocks, that is, what a plain merge would have written there. OUTPUT_DIR is a normal
+on pruned blocks, that is, what a plain merge would have written there. A ``modules_to_save``
+copy of a pruned weight, trained whole, is masked the same way: its pruned blocks are reset to
+zero, the rest kept as trained. OUTPUT_DIR is a normal
 HF directory that keeps the pruned model's ``sparsity_pattern``; the command exits 1 if any
 pruned weight of it is non-zero.
 """
@@ -13,6 +15,7 @@ import argparse
 
 import torch
 from peft.tuners.lora import Linear as LoraLinear
+from peft.utils import ModulesToSaveWrapper
 
 from dense_ft.check_sparsity import exit_with_report
 from dense_ft.errors import UserError, exit_on_user_error
@@ -21,23 +24,48 @@ from dense_ft.modeling import DTYPES, load_model, save_model
 from dense_ft.sparse_lora import MaskedLoraLinear, check_adapter_source, load_sparse_lora
 
 
+def pruned_weight_copies(peft_model, masks: SparsityMasks):
+    """``(copy, pruned weight, mask)`` for each active ``modules_to_save`` copy of a pruned weight."""
+    mask_of = {masks.linears[name]: mask for name, mask in masks.masks.items()}
+    for module in peft_model.modules():
+        if isinstance(module, ModulesToSaveWrapper) and module.original_module in mask_of and module.active_adapters:
+            original = module.original_module
+            yield module.modules_to_save[module.active_adapters[0]].weight, original.weight, mask_of[original]
+
+
+def adapter_updates(peft_model, masks: SparsityMasks):
+    """``(update, what the merge adds of it)`` for each adapted weight: LoRA's ``s * B @ A``, and a copy's difference
+    from the pruned weight it replaces."""
+    for module in peft_model.modules():
+        if isinstance(module, MaskedLoraLinear):
+            for adapter in module.active_adapters:
+                yield LoraLinear.get_delta_weight(module, adapter), module.get_delta_weight(adapter)
+    for copy, weight, mask in pruned_weight_copies(peft_model, masks):
+        update = copy - weight
+        kept = update.clone()
+        mask.apply_(kept)
+        yield update, kept
+
+
 @torch.no_grad()
-def update_on_pruned_blocks(peft_model) -> dict:
+def update_on_pruned_blocks(peft_model, masks: SparsityMasks) -> dict:
     """Frobenius norms of the adapter's update, whole and on pruned blocks, and the pruned weights it touches."""
     whole_sq = pruned_sq = 0.0
     touched = 0
-    for module in peft_model.modules():
-        if not isinstance(module, MaskedLoraLinear):
-            continue
-        for adapter in module.active_adapters:
-            dense = LoraLinear.get_delta_weight(module, adapter).float()
-            on_pruned = dense - module.get_delta_weight(adapter).float()
-            whole_sq += dense.pow(2).sum().item()
-            pruned_sq += on_pruned.pow(2).sum().item()
-            touched += int(on_pruned.count_nonzero())
+    for update, kept in adapter_updates(peft_model, masks):
+        on_pruned = update.float() - kept.float()
+        whole_sq += update.float().pow(2).sum().item()
+        pruned_sq += on_pruned.pow(2).sum().item()
+        touched += int(on_pruned.count_nonzero())
     return {"update_norm": whole_sq**0.5, "update_norm_on_pruned_blocks": pruned_sq**0.5,
             "fraction_of_norm_on_pruned_blocks": (pruned_sq / whole_sq) ** 0.5 if whole_sq else 0.0,
             "pruned_weights_a_plain_merge_would_change": touched}
+
+
+@torch.no_grad()
+def mask_pruned_weight_copies(peft_model, masks: SparsityMasks) -> None:
+    for copy, _, mask in pruned_weight_copies(peft_model, masks):
+        mask.apply_(copy)
 
 
 def merge(args) -> dict:
@@ -48,7 +76,8 @@ def merge(args) -> dict:
         raise UserError(f"{args.pruned_model} has no pruned weights: there is nothing for the mask to keep")
     peft_model = load_sparse_lora(model, args.adapter)
     report = {"pruned_model": args.pruned_model, "adapter": args.adapter, "output_dir": args.output_dir,
-              **update_on_pruned_blocks(peft_model)}
+              **update_on_pruned_blocks(peft_model, masks)}
+    mask_pruned_weight_copies(peft_model, masks)
     merged = peft_model.merge_and_unload()
     violations = masks.violations(merged)
     save_model(merged, tokenizer, args.output_dir)

@@ -13,7 +13,7 @@ from tiny_models import tiny_llama, zero_random_blocks
 from torch.nn import functional as F
 from transformers import AutoModelForCausalLM, Trainer
 
-from dense_ft import sparse_lora
+from dense_ft import merge_lora, sparse_lora
 from dense_ft.errors import UserError
 from dense_ft.masks import SparsityMasks
 from dense_ft.sparse_lora import LLAMA_TARGET_MODULES, MaskedLoraLinear, add_sparse_lora, load_sparse_lora
@@ -182,3 +182,29 @@ def test_pissa_would_fill_the_pruned_blocks_of_the_base_weight():
     base_weights = {name.removeprefix("base_model.model.").removesuffix(".base_layer"): linear.weight
                     for name, linear in prunable_linears(peft_model).items()}
     assert all(base_weights[name][positions].ne(0).any() for name, positions in pruned.items())
+
+
+def test_merging_a_modules_to_save_copy_of_a_pruned_weight_resets_its_pruned_blocks(tmp_path, tiny_pruned_dir,
+                                                                                    capsys):
+    # An adapter trained by plain PEFT: LoRA on v_proj, and a full copy of q_proj trained whole.
+    plain = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_pruned_dir),
+                           config(target_modules=["v_proj"], modules_to_save=["q_proj"]))
+    with torch.no_grad():
+        for name, p in plain.named_parameters():
+            if "modules_to_save" in name and name.endswith("weight"):
+                p.add_(torch.randn_like(p), alpha=1e-2)
+    plain.save_pretrained(tmp_path / "adapter")
+    pruned = {name: linear.weight == 0
+              for name, linear in prunable_linears(AutoModelForCausalLM.from_pretrained(tiny_pruned_dir)).items()}
+
+    with pytest.raises(SystemExit) as exit_status:
+        merge_lora.main([str(tiny_pruned_dir), str(tmp_path / "adapter"), str(tmp_path / "merged"), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert exit_status.value.code == 0 and report["violations"] == 0
+    adapted = [name for name in pruned if name.endswith(("q_proj", "v_proj"))]
+    assert report["pruned_weights_a_plain_merge_would_change"] == sum(int(pruned[name].sum()) for name in adapted)
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    trained_copy = plain.base_model.model.model.layers[0].self_attn.q_proj.modules_to_save["default"].weight
+    q_proj, kept = merged.model.layers[0].self_attn.q_proj.weight, ~pruned["model.layers.0.self_attn.q_proj"]
+    assert q_proj[~kept].eq(0).all() and torch.equal(q_proj[kept], trained_copy[kept])
