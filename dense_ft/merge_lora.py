@@ -12,6 +12,7 @@ pruned weight of it is non-zero.
 """
 
 import argparse
+import os
 
 import torch
 from peft.tuners.lora import Linear as LoraLinear
@@ -21,6 +22,7 @@ from dense_ft.check_sparsity import exit_with_report
 from dense_ft.errors import UserError, exit_on_user_error
 from dense_ft.masks import SparsityMasks
 from dense_ft.modeling import DTYPES, load_model, save_model
+from dense_ft.output_dir import check_output_path
 from dense_ft.sparse_lora import MaskedLoraLinear, check_adapter_source, load_sparse_lora
 
 
@@ -68,8 +70,21 @@ def mask_pruned_weight_copies(peft_model, masks: SparsityMasks) -> None:
         mask.apply_(copy)
 
 
-def merge(args) -> dict:
+def check_paths(args) -> None:
+    """Before any work: an adapter, a pruned model that is not one, and an output that overwrites neither."""
     check_adapter_source(args.adapter)
+    if os.path.isfile(os.path.join(args.pruned_model, "adapter_config.json")):
+        raise UserError(f"pruned_model {args.pruned_model} is a PEFT adapter directory: give the pruned model the "
+                        "adapter was trained on")
+    check_output_path(args.output_dir, "output_dir")
+    for path, name in ((args.pruned_model, "pruned_model"), (args.adapter, "adapter")):
+        if os.path.isdir(path) and os.path.isdir(args.output_dir) and os.path.samefile(path, args.output_dir):
+            raise UserError(f"output_dir {args.output_dir} is the {name} directory: the merged model would "
+                            "overwrite it; choose another output_dir")
+
+
+def merge(args) -> dict:
+    check_paths(args)
     model, tokenizer = load_model(args.pruned_model, args.torch_dtype)
     masks = SparsityMasks(model)
     if not masks:

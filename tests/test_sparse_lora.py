@@ -3,6 +3,7 @@
 import copy
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -208,3 +209,30 @@ def test_merging_a_modules_to_save_copy_of_a_pruned_weight_resets_its_pruned_blo
     trained_copy = plain.base_model.model.model.layers[0].self_attn.q_proj.modules_to_save["default"].weight
     q_proj, kept = merged.model.layers[0].self_attn.q_proj.weight, ~pruned["model.layers.0.self_attn.q_proj"]
     assert q_proj[~kept].eq(0).all() and torch.equal(q_proj[kept], trained_copy[kept])
+
+
+@pytest.mark.parametrize("case, refusal", [
+    ("output is a file", "output_dir {output} is a file"),
+    ("output is the pruned model", "output_dir {output} is the pruned_model directory: the merged model would "
+                                   "overwrite it"),
+    ("output is the adapter", "output_dir {output} is the adapter directory"),
+    ("the pruned model is an adapter", "pruned_model {pruned} is a PEFT adapter directory"),
+])
+def test_merge_paths_that_would_lose_a_file_or_mean_another_thing_are_refused_before_any_work(
+        case, refusal, tmp_path, tiny_pruned_dir, capsys):
+    pruned, adapter, output = tmp_path / "pruned", tmp_path / "adapter", tmp_path / "merged"
+    shutil.copytree(tiny_pruned_dir, pruned)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(pruned), config()).save_pretrained(adapter)
+    if case == "output is a file":
+        output.write_text("notes")
+    output = {"output is the pruned model": pruned, "output is the adapter": adapter}.get(case, output)
+    if case == "the pruned model is an adapter":
+        pruned = adapter
+    saved = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    capsys.readouterr()
+
+    with pytest.raises(SystemExit) as exit_status:
+        merge_lora.main([str(pruned), str(adapter), str(output)])
+    assert exit_status.value.code == 2
+    assert capsys.readouterr().err.startswith(f"error: {refusal.format(output=output, pruned=pruned)}")
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == saved
