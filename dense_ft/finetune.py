@@ -57,7 +57,7 @@ from dense_ft.interrupt import StopOnSignal
 from dense_ft.masks import DEFAULT_BLOCK_SIZE, BlockMask, SparsityMasks
 from dense_ft.model_card import write_model_card
 from dense_ft.modeling import DTYPES, load_model
-from dense_ft.output_dir import locked_output_dir
+from dense_ft.output_dir import check_not_an_input, locked_output_dir
 from dense_ft.sparse_lora import LLAMA_TARGET_MODULES, SparseLoraTrainer, add_sparse_lora, lora_config
 from dense_ft.sparse_trainer import SparseTrainer, check_sparsity
 from dense_ft.sparsity import PATTERN_KEY
@@ -351,6 +351,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
     distill_args.validate()
     training_args.validate()
     training_args.apply_effective_batch_size()
+    inputs = {"--model_name_or_path": model_args.model_name_or_path, "--teacher_model": distill_args.teacher_model}
+    check_not_an_input(training_args.output_dir, "--output_dir", inputs)
     with locked_output_dir(training_args.output_dir) if training_args.process_index == 0 else nullcontext():
         return train_and_save(model_args, data_args, lora_args, distill_args, training_args)
 

@@ -22,7 +22,7 @@ from dense_ft.check_sparsity import exit_with_report
 from dense_ft.errors import UserError, exit_on_user_error
 from dense_ft.masks import SparsityMasks
 from dense_ft.modeling import DTYPES, load_model, save_model
-from dense_ft.output_dir import check_output_path
+from dense_ft.output_dir import check_not_an_input, check_output_path
 from dense_ft.sparse_lora import MaskedLoraLinear, check_adapter_source, load_sparse_lora
 
 
@@ -77,10 +77,7 @@ def check_paths(args) -> None:
         raise UserError(f"pruned_model {args.pruned_model} is a PEFT adapter directory: give the pruned model the "
                         "adapter was trained on")
     check_output_path(args.output_dir, "output_dir")
-    for path, name in ((args.pruned_model, "pruned_model"), (args.adapter, "adapter")):
-        if os.path.isdir(path) and os.path.isdir(args.output_dir) and os.path.samefile(path, args.output_dir):
-            raise UserError(f"output_dir {args.output_dir} is the {name} directory: the merged model would "
-                            "overwrite it; choose another output_dir")
+    check_not_an_input(args.output_dir, "output_dir", {"pruned_model": args.pruned_model, "adapter": args.adapter})
 
 
 def merge(args) -> dict:

@@ -27,7 +27,7 @@ from .evaluation import (
 )
 from .model_card import write_model_card
 from .modeling import default_device, load_model, save_model
-from .output_dir import check_output_path
+from .output_dir import check_not_an_input, check_output_path
 from .sparsity import check_sparsity
 from .text import joined_text, load_corpus
 from .wanda import calibration_windows, check_block_shapes, prune_wanda_blocks
@@ -115,6 +115,8 @@ def run(args: argparse.Namespace) -> dict:
     for path, flag in ((args.save, "--save"), (args.save_model, "--save_model")):
         if path:
             check_output_path(path, flag)  # before the work, not after it
+    if args.save_model:
+        check_not_an_input(args.save_model, "--save_model", {"--model": args.model})
     calib = load_corpus(args.calib_dataset, splits=("train",)) if args.sparsity_ratio > 0 else None
     evaluation = load_corpus(args.eval_dataset, splits=("test",))
     model, tokenizer = load_model(args.model, args.dtype)

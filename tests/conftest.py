@@ -30,6 +30,11 @@ def run_python(*args, timeout=600, **kwargs) -> subprocess.CompletedProcess:
                           timeout=timeout, **kwargs)
 
 
+def file_contents(directory: Path) -> dict[Path, bytes]:
+    """Every file under ``directory`` and its bytes: what a refused run must leave as it was."""
+    return {path.relative_to(directory): path.read_bytes() for path in directory.rglob("*") if path.is_file()}
+
+
 def prepared(path: Path, marker: str) -> Path:
     if not (path / marker).exists():
         pytest.fail(f"the embedded default is not prepared ({path}): run `make test` or scripts/prepare_embedded.py")

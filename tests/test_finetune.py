@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT, run_python
+from conftest import REPO_ROOT, file_contents, run_python
 from tiny_models import tiny_llama
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
@@ -80,6 +80,10 @@ def test_sigint_saves_a_checkpoint_and_the_rerun_resumes(method, tmp_path, tiny_
     ({"--resume_from_checkpoint": "{tmp}/nowhere"}, "--resume_from_checkpoint {tmp}/nowhere not found"),
     ({"--resume_from_checkpoint": "{tmp}/no_corpus"}, "is an incomplete checkpoint"),
     ({"--torch_dtype": "float16", "--fp16": "true"}, "--fp16 needs float32 weights"),
+    ({"--model_name_or_path": "{tmp}/model", "--output_dir": "{tmp}/model"},
+     "--output_dir {tmp}/model is the --model_name_or_path directory, which the run would overwrite"),
+    ({"--teacher_model": "{tmp}/model", "--output_dir": "{tmp}/model"},
+     "--output_dir {tmp}/model is the --teacher_model directory"),
     pytest.param({"--optim": "adamw_torch_8bit"}, "--optim adamw_torch_8bit: You need to have `torchao",
                  marks=pytest.mark.skipif(importlib.util.find_spec("torchao") is not None,
                                           reason="torchao is installed")),
@@ -95,6 +99,7 @@ def test_bad_input_fails_in_one_line_and_keeps_the_output_dir(change, message, t
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "latin1.txt").write_bytes("Text, caf\xe9 au lait".encode("latin-1"))
     shutil.copytree(tiny_pruned_dir, tmp_path / "truncated_model")
+    shutil.copytree(tiny_pruned_dir, tmp_path / "model")
     weights = (tmp_path / "truncated_model" / "model.safetensors").read_bytes()
     (tmp_path / "truncated_model" / "model.safetensors").write_bytes(weights[:len(weights) // 3])
     output = tmp_path / "out"
@@ -114,6 +119,7 @@ def test_bad_input_fails_in_one_line_and_keeps_the_output_dir(change, message, t
     assert stderr.strip().splitlines()[-1].startswith("error: ")
     assert message.format(tmp=tmp_path) in stderr.strip().splitlines()[-1]
     assert sorted(os.listdir(output)) == ["keep.txt"] and (output / "keep.txt").read_text() == "saved earlier"
+    assert file_contents(tmp_path / "model") == file_contents(tiny_pruned_dir)
 
 
 def test_a_finished_model_is_not_overwritten_without_asking(tmp_path, tiny_pruned_dir, small_corpus_dir, capsys):

@@ -1,7 +1,8 @@
 import json
+import shutil
 
 import pytest
-from conftest import run_python
+from conftest import file_contents, run_python
 from transformers import AutoModelForCausalLM
 
 from dense_ft.masks import SparsityMasks
@@ -17,16 +18,20 @@ from dense_ft.sparsity import PATTERN_KEY, check_sparsity
     (["--eval_dataset", "{empty}"], "lacks wiki.test.raw"),
     (["--seqlen", "100000"], "exceeds the model's"),
     (["--nsamples", "0"], "--nsamples must be positive"),
+    (["--model", "{copy}", "--save_model", "{copy}/"], "is the --model directory, which the run would overwrite"),
 ])
 def test_bad_input_is_one_line_and_non_zero(extra, message, tmp_path, tiny_pruned_dir, small_corpus_dir):
     (tmp_path / "empty").mkdir()
+    shutil.copytree(tiny_pruned_dir, tmp_path / "model")
     args = ["--model", tiny_pruned_dir, "--calib_dataset", small_corpus_dir, "--eval_dataset", small_corpus_dir,
             "--seqlen", 64]
-    args += [a.format(missing=tmp_path / "missing/corpus", empty=tmp_path / "empty") for a in extra]
+    args += [a.format(missing=tmp_path / "missing/corpus", empty=tmp_path / "empty", copy=tmp_path / "model")
+             for a in extra]
     result = run_python("main_block.py", *args, timeout=120)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert message in result.stderr.strip().splitlines()[-1]
+    assert file_contents(tmp_path / "model") == file_contents(tiny_pruned_dir)
 
 
 def test_prune_the_embedded_default_end_to_end(embedded_model_dir, embedded_corpus_dir, embedded_pruned):

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import run_python
+from conftest import file_contents, run_python
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from test_sparse_trainer import token_dataset, training_args
 from tiny_models import tiny_llama, zero_random_blocks
@@ -213,8 +213,8 @@ def test_merging_a_modules_to_save_copy_of_a_pruned_weight_resets_its_pruned_blo
 
 @pytest.mark.parametrize("case, refusal", [
     ("output is a file", "output_dir {output} is a file"),
-    ("output is the pruned model", "output_dir {output} is the pruned_model directory: the merged model would "
-                                   "overwrite it"),
+    ("output is the pruned model", "output_dir {output} is the pruned_model directory, which the run would "
+                                   "overwrite"),
     ("output is the adapter", "output_dir {output} is the adapter directory"),
     ("the pruned model is an adapter", "pruned_model {pruned} is a PEFT adapter directory"),
 ])
@@ -228,11 +228,11 @@ def test_merge_paths_that_would_lose_a_file_or_mean_another_thing_are_refused_be
     output = {"output is the pruned model": pruned, "output is the adapter": adapter}.get(case, output)
     if case == "the pruned model is an adapter":
         pruned = adapter
-    saved = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    saved = file_contents(tmp_path)
     capsys.readouterr()
 
     with pytest.raises(SystemExit) as exit_status:
         merge_lora.main([str(pruned), str(adapter), str(output)])
     assert exit_status.value.code == 2
     assert capsys.readouterr().err.startswith(f"error: {refusal.format(output=output, pruned=pruned)}")
-    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == saved
+    assert file_contents(tmp_path) == saved
