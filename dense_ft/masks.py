@@ -28,6 +28,7 @@ from .sparsity import (
     is_sharded,
     local_tensor,
     prunable_linears,
+    pruned_block_count,
     sparsity_pattern,
     sum_over_shards,
     validate_pattern,
@@ -239,6 +240,7 @@ class SparsityMasks:
     """
 
     def __init__(self, model: nn.Module, block_size: int | None = None):
+        pattern = None
         if block_size is None:
             pattern = sparsity_pattern(model.config) if hasattr(model, "config") else None
             if pattern is not None:
@@ -259,7 +261,28 @@ class SparsityMasks:
         if block_size is None:
             self._drop_stray_zeros()
         self._share_masks_with_copies()
+        if pattern is not None and pattern.get("method") == "wanda":
+            self._check_no_pruned_block_filled(pattern["sparsity_ratio"])
         self.source = "none" if not self.masks else "sparsity_pattern" if block_size is not None else "zeros"
+
+    def _check_no_pruned_block_filled(self, ratio: float) -> None:
+        """Wanda prunes exactly ``pruned_block_count`` blocks of every weight: one with fewer zero blocks had some
+        filled (trained or merged without the masks), and masking what is left would keep a pattern that is gone."""
+        if any(is_sharded(linear.weight) for linear in self.linears.values()):
+            return  # a shard holds only its rows' blocks
+        b = self.block_size
+        filled = {}
+        for name, linear in self.linears.items():
+            rows, cols = linear.weight.shape
+            expected = pruned_block_count(ratio, (rows // b) * (cols // b))
+            found = self.masks[name].num_pruned // b**2 if name in self.masks else 0
+            if found < expected:
+                filled[name] = f"{found} zero {b}x{b} blocks of the {expected} Wanda pruned"
+        if filled:
+            name, counts = next(iter(filled.items()))
+            raise UserError(f"{len(filled)} of {len(self.linears)} prunable weights lost pruned blocks ({name}: "
+                            f"{counts}): the model was trained or merged without the masks. Fine-tune the pruned "
+                            "model itself, or prune this one again")
 
     def _drop_stray_zeros(self) -> None:
         scattered = {name: mask for name, mask in self.masks.items() if isinstance(mask, ElementMask)}

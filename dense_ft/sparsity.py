@@ -4,6 +4,7 @@ The pruned weights are the decoder layers' ``nn.Linear`` weights (attention and 
 projections); embeddings and ``lm_head`` are never pruned, as in Wanda.
 """
 
+import math
 import re
 
 import torch
@@ -74,6 +75,11 @@ def sparsity_pattern(config) -> dict | None:
 PATTERN_VERSION = 1
 _PATTERN_FIELDS = {"version": int, "method": str, "structure": str, "block_size": int, "sparsity_ratio": (int, float),
                    "modules": list, "calibration": (dict, type(None))}
+
+
+def pruned_block_count(ratio: float, blocks: int) -> int:
+    """How many of a weight's ``blocks`` a ``ratio`` prunes: Wanda prunes exactly this many in every weight."""
+    return math.floor(round(ratio * blocks, 6))
 
 
 def block_pattern(model: nn.Module, method: str, block_size: int, ratio: float,

@@ -6,7 +6,6 @@ lowest-scoring ``floor(ratio * n_blocks)`` blocks of each matrix are zeroed. Eac
 the outputs of the already-pruned layers before it.
 """
 
-import math
 import random
 
 import torch
@@ -15,7 +14,7 @@ from torch import nn
 from .errors import UserError
 from .layerwise import run_layer, run_layer_by_layer
 from .masks import BlockMask
-from .sparsity import PATTERN_KEY, block_pattern, prunable_linears
+from .sparsity import PATTERN_KEY, block_pattern, prunable_linears, pruned_block_count
 
 
 class InputNormStats:
@@ -51,7 +50,7 @@ def block_scores(weight: torch.Tensor, squared_norms: torch.Tensor, block_size: 
 
 def lowest_blocks(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     """Bool grid marking exactly ``floor(ratio * n)`` lowest scores; ties go to the earlier block."""
-    count = math.floor(round(ratio * scores.numel(), 6))
+    count = pruned_block_count(ratio, scores.numel())
     order = torch.argsort(scores.flatten(), stable=True)
     pruned = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     pruned[order[:count]] = True

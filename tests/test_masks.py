@@ -10,6 +10,7 @@ from tiny_models import BLOCK, tiny_llama, zero_random_blocks
 from dense_ft.errors import UserError
 from dense_ft.masks import BlockMask, ElementMask, SparsityMasks, capture_mask
 from dense_ft.sparsity import check_sparsity, layer_sparsity, prunable_linears, validate_pattern
+from dense_ft.wanda import prune_wanda_blocks
 
 
 def block_pruned_weight(rows=64, cols=96, ratio=0.25, seed=0):
@@ -227,3 +228,16 @@ def test_a_peft_modules_to_save_copy_takes_the_mask_of_the_weight_it_copies(with
     assert masks.masks[f"{name}.modules_to_save.default"] is masks.masks[f"{name}.original_module"]
     masks.apply_to_weights()
     assert copy[pruned].eq(0).all() and copy[~pruned].ne(0).all()
+
+
+def test_a_wanda_pruned_model_whose_blocks_were_filled_is_refused():
+    model = tiny_llama()
+    windows = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    prune_wanda_blocks(model, windows, 0.2, BLOCK, "cpu", progress=False)
+    assert len(SparsityMasks(model)) == 14  # every weight holds exactly its floor(0.2 x blocks) zero blocks
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    model(input_ids=windows, labels=windows).loss.backward()
+    optimizer.step()  # trained without the masks: every pruned block filled
+    with pytest.raises(UserError, match=r"^14 of 14 prunable weights lost pruned blocks \(model\.layers\.0\.self_attn"
+                                        r"\.q_proj: 0 zero 16x16 blocks of the 3 Wanda pruned\): the model was trained"):
+        SparsityMasks(model)
