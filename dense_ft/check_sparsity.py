@@ -2,6 +2,9 @@
 
 With ``--reference PRUNED_DIR`` it also counts the weights that are pruned in the reference
 (its recorded 16x16 blocks, or its zeros) but not zero in MODEL_DIR, and exits 1 if any is.
+A model whose ``sparsity_pattern`` is Wanda's is checked against itself as well: Wanda prunes
+exactly ``floor(ratio x blocks)`` blocks of every matrix, so fewer zero blocks are pruned blocks
+lost (counted, exit 1), with or without a reference.
 
 Both models are read one tensor at a time from their safetensors files (sharded or not), never
 loaded whole: memory is about the largest pair of tensors, whatever the size of the models.
@@ -16,7 +19,7 @@ import sys
 from safetensors import safe_open
 
 from dense_ft.errors import UserError, exit_on_user_error
-from dense_ft.masks import ElementMask, capture_mask, is_unstructured_pruning
+from dense_ft.masks import ElementMask, blocks_lost, capture_mask, is_unstructured_pruning, prunes_exact_counts
 from dense_ft.modeling import check_model_source
 from dense_ft.sparsity import PATTERN_KEY, validate_pattern
 
@@ -48,8 +51,11 @@ class SafetensorsModel:
 
     @property
     def block_size(self) -> int | None:
-        pattern = self.config.get(PATTERN_KEY)
-        return pattern["block_size"] if pattern else None
+        return self.pattern["block_size"] if self.pattern else None
+
+    @property
+    def pattern(self) -> dict | None:
+        return self.config.get(PATTERN_KEY)
 
     def prunable_weights(self) -> list[str]:
         """Names of the decoder layers' matrices, in layer order."""
@@ -91,11 +97,13 @@ def report(args) -> dict:
     reference = SafetensorsModel(args.reference) if args.reference else None
     if reference is not None and reference.prunable_weights() != names:
         raise UserError(f"{args.model_dir} and the reference {args.reference} do not have the same prunable layers")
-    zeros, sizes, block_violations, scattered_violations = {}, {}, {}, {}
+    zeros, sizes, block_violations, scattered_violations, lost = {}, {}, {}, {}, {}
     scattered_zeros = 0
     for name in names:
         weight = model.tensor(name)
         zeros[name], sizes[name] = int((weight == 0).sum()), weight.numel()
+        if model.pattern:
+            lost[_layer(name)] = blocks_lost(model.pattern, weight.shape, capture_mask(weight, model.block_size))
         if reference is not None:
             pruned = reference.tensor(name)
             if pruned.shape != weight.shape:
@@ -118,6 +126,9 @@ def report(args) -> dict:
               "zeros": sum(zeros.values()), "weights": total}
     if args.per_layer:
         result["layers"] = {_layer(name): zeros[name] / sizes[name] for name in names}
+    if model.pattern and prunes_exact_counts(model.pattern):
+        result.update(pruned_blocks_lost=sum(lost.values()),
+                      layers_that_lost_blocks={name: count for name, count in lost.items() if count})
     if reference is not None:
         result.update(reference=args.reference, violations=sum(violations.values()), violating_layers=violations)
     return result
@@ -129,11 +140,18 @@ def print_report(result: dict) -> None:
         for name, sparsity in result["layers"].items():
             print(f"{name:<{width}}  {sparsity:.4f}")
     print(f"Sparsity: {result['sparsity']:.4f}")
+    if "pruned_blocks_lost" in result:
+        print(f"Pruned blocks no longer zero (of the floor(ratio x blocks) its Wanda pattern pruned in each "
+              f"matrix): {result['pruned_blocks_lost']}")
+        _print_worst(result["layers_that_lost_blocks"])
     if "violations" in result:
         print(f"Pruned weights of {result['reference']} that are non-zero: {result['violations']}")
-        worst = sorted(result["violating_layers"].items(), key=lambda item: -item[1])[:WORST_LAYERS_SHOWN]
-        for name, count in worst:
-            print(f"  {name}: {count}")
+        _print_worst(result["violating_layers"])
+
+
+def _print_worst(counts: dict[str, int]) -> None:
+    for name, count in sorted(counts.items(), key=lambda item: -item[1])[:WORST_LAYERS_SHOWN]:
+        print(f"  {name}: {count}")
 
 
 def main(argv=None) -> None:
@@ -154,7 +172,7 @@ def exit_with_report(result: dict, as_json: bool, print_text) -> None:
         print(json.dumps(result, indent=2))
     else:
         print_text(result)
-    sys.exit(1 if result.get("violations") else 0)
+    sys.exit(1 if result.get("violations") or result.get("pruned_blocks_lost") else 0)
 
 
 if __name__ == "__main__":

@@ -226,6 +226,27 @@ def capture_mask(weight: torch.Tensor, block_size: int | None = None) -> Mask | 
     return ElementMask(zeros)
 
 
+def prunes_exact_counts(pattern: dict) -> bool:
+    """Whether the pattern's method pruned exactly ``pruned_block_count`` blocks of every weight (Wanda does; random
+    blocks prune the ratio on average)."""
+    return pattern.get("method") == "wanda"
+
+
+def wanda_pruned_blocks(pattern: dict, shape) -> int | None:
+    """How many blocks of a weight of ``shape`` the pattern pruned, where ``prunes_exact_counts``; else None."""
+    if not prunes_exact_counts(pattern):
+        return None
+    b = pattern["block_size"]
+    return pruned_block_count(pattern["sparsity_ratio"], (shape[0] // b) * (shape[1] // b))
+
+
+def blocks_lost(pattern: dict, shape, zero_blocks: Mask | None) -> int:
+    """Pruned blocks of a weight that are no longer zero blocks (``zero_blocks``: the weight's, as captured)."""
+    expected = wanda_pruned_blocks(pattern, shape)
+    found = zero_blocks.num_pruned // pattern["block_size"] ** 2 if isinstance(zero_blocks, BlockMask) else 0
+    return max(0, expected - found) if expected is not None else 0
+
+
 def is_unstructured_pruning(element_zeros: int, prunable_weights: int) -> bool:
     """Whether scattered zeros, in a model with no ``sparsity_pattern``, are pruning rather than stray zeros."""
     return element_zeros >= UNSTRUCTURED_MIN_FRACTION * prunable_weights
@@ -261,28 +282,21 @@ class SparsityMasks:
         if block_size is None:
             self._drop_stray_zeros()
         self._share_masks_with_copies()
-        if pattern is not None and pattern.get("method") == "wanda":
-            self._check_no_pruned_block_filled(pattern["sparsity_ratio"])
+        if pattern is not None and not any(is_sharded(linear.weight) for linear in self.linears.values()):
+            self._check_no_pruned_block_filled(pattern)  # (a shard holds only its rows' blocks)
         self.source = "none" if not self.masks else "sparsity_pattern" if block_size is not None else "zeros"
 
-    def _check_no_pruned_block_filled(self, ratio: float) -> None:
-        """Wanda prunes exactly ``pruned_block_count`` blocks of every weight: one with fewer zero blocks had some
-        filled (trained or merged without the masks), and masking what is left would keep a pattern that is gone."""
-        if any(is_sharded(linear.weight) for linear in self.linears.values()):
-            return  # a shard holds only its rows' blocks
-        b = self.block_size
-        filled = {}
-        for name, linear in self.linears.items():
-            rows, cols = linear.weight.shape
-            expected = pruned_block_count(ratio, (rows // b) * (cols // b))
-            found = self.masks[name].num_pruned // b**2 if name in self.masks else 0
-            if found < expected:
-                filled[name] = f"{found} zero {b}x{b} blocks of the {expected} Wanda pruned"
-        if filled:
-            name, counts = next(iter(filled.items()))
-            raise UserError(f"{len(filled)} of {len(self.linears)} prunable weights lost pruned blocks ({name}: "
-                            f"{counts}): the model was trained or merged without the masks. Fine-tune the pruned "
-                            "model itself, or prune this one again")
+    def _check_no_pruned_block_filled(self, pattern: dict) -> None:
+        """Masking the blocks left of a pattern that training or a merge without the masks has filled would keep a
+        pattern that is gone: refused, where the method says how many blocks it pruned."""
+        lost = {name: count for name, linear in self.linears.items()
+                if (count := blocks_lost(pattern, linear.weight.shape, self.masks.get(name)))}
+        if lost:
+            name, count = next(iter(lost.items()))
+            expected = wanda_pruned_blocks(pattern, self.linears[name].weight.shape)
+            raise UserError(f"{len(lost)} of {len(self.linears)} prunable weights lost pruned blocks ({name}: {count} "
+                            f"of the {expected} Wanda pruned are not zero): the model was trained or merged without "
+                            "the masks. Fine-tune the pruned model itself, or prune this one again")
 
     def _drop_stray_zeros(self) -> None:
         scattered = {name: mask for name, mask in self.masks.items() if isinstance(mask, ElementMask)}

@@ -16,8 +16,10 @@ from conftest import REPO_ROOT, file_contents, run_python
 from tiny_models import tiny_llama
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
+from dense_ft.check_sparsity import main as check_sparsity_main
 from dense_ft.finetune import main as finetune_main
 from dense_ft.sparsity import prunable_linears
+from dense_ft.wanda import prune_wanda_blocks
 
 FINETUNE = "dense_ft/finetune.py"
 
@@ -180,6 +182,29 @@ def test_check_sparsity_reference_catches_a_planted_violation(tmp_path, tiny_pru
 
     missing = check_sparsity_cli(tmp_path / "nowhere/at/all")
     assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith("error: model directory")
+
+
+def test_check_sparsity_counts_the_blocks_a_wanda_pruned_model_lost_without_a_reference(tmp_path, capsys):
+    model = tiny_llama()
+    windows = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    prune_wanda_blocks(model, windows, 0.2, 16, "cpu", progress=False)
+    model.save_pretrained(tmp_path / "pruned")
+    down_proj = model.model.layers[1].mlp.down_proj.weight  # 64 x 128: 32 blocks, 6 of them pruned
+    row, col = (down_proj == 0).nonzero()[0].tolist()
+    with torch.no_grad():
+        down_proj[row, col] = 1e-6  # one weight of one pruned block
+    model.save_pretrained(tmp_path / "filled")
+
+    def check(directory):
+        with pytest.raises(SystemExit) as exited:
+            check_sparsity_main([str(tmp_path / directory), "--json"])
+        return exited.value.code, json.loads(capsys.readouterr().out)
+
+    code, report = check("pruned")
+    assert code == 0 and report["pruned_blocks_lost"] == 0 and report["layers_that_lost_blocks"] == {}
+    code, report = check("filled")
+    assert code == 1 and report["pruned_blocks_lost"] == 1
+    assert report["layers_that_lost_blocks"] == {"model.layers.1.mlp.down_proj": 1}
 
 
 def test_a_lora_run_resumes_exactly_and_saves_adapter_and_sparse_merged_model(tmp_path, tiny_pruned_dir,
