@@ -17,6 +17,7 @@ instead of kept. Evaluation stays the plain cross-entropy, so perplexities compa
 runs. Each logged step carries the cross-entropy and each distillation term.
 """
 
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -26,8 +27,10 @@ from torch.utils.checkpoint import checkpoint
 
 from .errors import UserError
 from .modeling import DTYPES, load_model
+from .output_dir import same_directory
 from .sparse_lora import SparseLoraTrainer
 from .sparse_trainer import SparseTrainer
+from .sparsity import sparsity_pattern
 
 LOSSES = ("kl", "kl+ce", "squarehead")
 
@@ -44,9 +47,12 @@ class DistillationArguments:
     distill_chunk_tokens: int = field(default=1024, metadata={
         "help": "Positions of teacher logits computed at once (bounds their memory)."})
 
-    def validate(self) -> None:
+    def validate(self, student: str) -> None:
         if self.teacher_model is None:
             return
+        if same_directory(self.teacher_model, student):
+            raise UserError(f"--teacher_model {self.teacher_model} is the model being fine-tuned: its KL to itself is "
+                            "0; give the dense model it was pruned from")
         if self.distill_temperature <= 0 or self.distill_weight < 0 or self.distill_chunk_tokens < 1:
             raise UserError("distillation needs --distill_temperature > 0, --distill_weight >= 0 and "
                             "--distill_chunk_tokens >= 1")
@@ -74,6 +80,9 @@ def check_teacher(teacher, tokenizer, student, student_tokenizer, loss: str) -> 
                         f"({student.config.vocab_size}): distillation compares their next-token distributions")
     if tokenizer.get_vocab() != student_tokenizer.get_vocab():
         raise UserError("the teacher's tokenizer differs from the student's: their token ids would not mean the same")
+    if sparsity_pattern(teacher.config) is not None:
+        warnings.warn("the teacher has a sparsity_pattern: it is pruned itself; the dense model the student was "
+                      "pruned from is the teacher that distillation is measured with", stacklevel=2)
     if loss == "squarehead":
         shapes = [(model.config.num_hidden_layers, model.config.hidden_size) for model in (teacher, student)]
         if shapes[0] != shapes[1]:

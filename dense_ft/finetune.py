@@ -348,7 +348,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
         distill_args: DistillationArguments, training_args: SparseTrainingArguments) -> int:
     lora_args.validate(training_args)
     data_args.validate()
-    distill_args.validate()
+    distill_args.validate(model_args.model_name_or_path)
     training_args.validate()
     training_args.apply_effective_batch_size()
     inputs = {"--model_name_or_path": model_args.model_name_or_path, "--teacher_model": distill_args.teacher_model}

@@ -19,11 +19,16 @@ def check_output_path(path: str, flag: str) -> None:
         raise UserError(f"{flag} {path} is not writable (no write permission on {existing})")
 
 
+def same_directory(first: str, second: str) -> bool:
+    """Whether two model sources are one: the same Hub id, or the same local directory however it is written."""
+    return first == second or os.path.isdir(first) and os.path.isdir(second) and os.path.samefile(first, second)
+
+
 def check_not_an_input(path: str, flag: str, inputs: dict[str, str | None]) -> None:
     """Refuse an output directory that is one of the run's input directories (``{flag: path}``): the run would
     overwrite what it reads, a pruned model with what was made of it."""
     for input_flag, input_path in inputs.items():
-        if input_path and os.path.isdir(input_path) and os.path.isdir(path) and os.path.samefile(input_path, path):
+        if input_path and os.path.isdir(path) and same_directory(input_path, path):
             raise UserError(f"{flag} {path} is the {input_flag} directory, which the run would overwrite: choose "
                             f"another {flag}")
 

@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset
 from safetensors import safe_open
 from test_faults import finetune
-from tiny_models import tiny_llama
+from tiny_models import tiny_llama, zero_random_blocks
 from torch.nn import functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
@@ -104,6 +104,22 @@ def test_a_mismatched_teacher_is_refused(tmp_path, tokenizer):
     check_teacher(deeper, tokenizer, student, tokenizer, "kl+ce")  # logits only: any depth
     with pytest.raises(UserError, match="the teacher has 3 layers of 64, the student 2 of 64"):
         check_teacher(deeper, tokenizer, student, tokenizer, "squarehead")
+    pruned = tiny_llama(vocab_size=len(tokenizer))
+    zero_random_blocks(pruned)
+    with pytest.warns(UserWarning, match="the teacher has a sparsity_pattern: it is pruned itself"):
+        check_teacher(pruned, tokenizer, student, tokenizer, "kl")
+
+
+@pytest.mark.parametrize("teacher", ["{student}", "{student}/", "{link}"])
+def test_the_student_as_its_own_teacher_is_refused(teacher, tmp_path, tiny_pruned_dir, small_corpus_dir, capsys):
+    (tmp_path / "link").symlink_to(tiny_pruned_dir)
+    teacher = teacher.format(student=tiny_pruned_dir, link=tmp_path / "link")
+    status, _, err = finetune(capsys, tiny_pruned_dir, small_corpus_dir, tmp_path / "out", "--max_steps", 2,
+                              "--teacher_model", teacher, "--distill_loss", "kl")
+    assert status == 2
+    assert err.strip().splitlines()[-1] == (f"error: --teacher_model {teacher} is the model being fine-tuned: its KL "
+                                            "to itself is 0; give the dense model it was pruned from")
+    assert not (tmp_path / "out").exists()
 
 
 def test_finetune_with_a_teacher_logs_each_term(tmp_path, tiny_pruned_dir, teacher_dir, small_corpus_dir, capsys):
