@@ -12,7 +12,6 @@ pruned weight of it is non-zero.
 """
 
 import argparse
-import os
 
 import torch
 from peft.tuners.lora import Linear as LoraLinear
@@ -21,7 +20,7 @@ from peft.utils import ModulesToSaveWrapper
 from dense_ft.check_sparsity import exit_with_report
 from dense_ft.errors import UserError, exit_on_user_error
 from dense_ft.masks import SparsityMasks
-from dense_ft.modeling import DTYPES, load_model, save_model
+from dense_ft.modeling import DTYPES, check_model_source, load_model, save_model
 from dense_ft.output_dir import check_not_an_input, check_output_path
 from dense_ft.sparse_lora import MaskedLoraLinear, check_adapter_source, load_sparse_lora
 
@@ -73,9 +72,7 @@ def mask_pruned_weight_copies(peft_model, masks: SparsityMasks) -> None:
 def check_paths(args) -> None:
     """Before any work: an adapter, a pruned model that is not one, and an output that overwrites neither."""
     check_adapter_source(args.adapter)
-    if os.path.isfile(os.path.join(args.pruned_model, "adapter_config.json")):
-        raise UserError(f"pruned_model {args.pruned_model} is a PEFT adapter directory: give the pruned model the "
-                        "adapter was trained on")
+    check_model_source(args.pruned_model)
     check_output_path(args.output_dir, "output_dir")
     check_not_an_input(args.output_dir, "output_dir", {"pruned_model": args.pruned_model, "adapter": args.adapter})
 

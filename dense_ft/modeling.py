@@ -18,6 +18,9 @@ def looks_like_local_path(name: str) -> bool:
 
 def check_model_source(name: str) -> None:
     if os.path.isdir(name):
+        if os.path.isfile(os.path.join(name, "adapter_config.json")):  # transformers would load it as plain LoRA
+            raise UserError(f"{name} is a PEFT adapter directory, not a model: merge it into the pruned model it was "
+                            "trained on (python -m dense_ft.merge_lora) and give the merged model")
         if not os.path.isfile(os.path.join(name, "config.json")):
             raise UserError(f"{name} is not a model directory (no config.json)")
     elif looks_like_local_path(name):

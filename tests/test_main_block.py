@@ -19,14 +19,18 @@ from dense_ft.sparsity import PATTERN_KEY, check_sparsity
     (["--seqlen", "100000"], "exceeds the model's"),
     (["--nsamples", "0"], "--nsamples must be positive"),
     (["--model", "{copy}", "--save_model", "{copy}/"], "is the --model directory, which the run would overwrite"),
+    (["--model", "{adapter}"], "is a PEFT adapter directory, not a model: merge it into the pruned model"),
 ])
 def test_bad_input_is_one_line_and_non_zero(extra, message, tmp_path, tiny_pruned_dir, small_corpus_dir):
     (tmp_path / "empty").mkdir()
     shutil.copytree(tiny_pruned_dir, tmp_path / "model")
+    (tmp_path / "adapter").mkdir()  # transformers loads a directory with both files as the base plus plain LoRA
+    for name in ("adapter_config.json", "config.json"):
+        shutil.copy(tiny_pruned_dir / "config.json", tmp_path / "adapter" / name)
     args = ["--model", tiny_pruned_dir, "--calib_dataset", small_corpus_dir, "--eval_dataset", small_corpus_dir,
             "--seqlen", 64]
-    args += [a.format(missing=tmp_path / "missing/corpus", empty=tmp_path / "empty", copy=tmp_path / "model")
-             for a in extra]
+    args += [a.format(missing=tmp_path / "missing/corpus", empty=tmp_path / "empty", copy=tmp_path / "model",
+                      adapter=tmp_path / "adapter") for a in extra]
     result = run_python("main_block.py", *args, timeout=120)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr

@@ -216,7 +216,7 @@ def test_merging_a_modules_to_save_copy_of_a_pruned_weight_resets_its_pruned_blo
     ("output is the pruned model", "output_dir {output} is the pruned_model directory, which the run would "
                                    "overwrite"),
     ("output is the adapter", "output_dir {output} is the adapter directory"),
-    ("the pruned model is an adapter", "pruned_model {pruned} is a PEFT adapter directory"),
+    ("the pruned model is an adapter", "{pruned} is a PEFT adapter directory, not a model: merge it"),
 ])
 def test_merge_paths_that_would_lose_a_file_or_mean_another_thing_are_refused_before_any_work(
         case, refusal, tmp_path, tiny_pruned_dir, capsys):
