@@ -35,8 +35,8 @@ from .sparsity import (
 )
 
 DEFAULT_BLOCK_SIZE = 16
-_PEFT_COPY = re.compile(r"\.modules_to_save\.[^.]+$")  # X.modules_to_save.<adapter> copies X.original_module
 UNSTRUCTURED_MIN_FRACTION = 0.01
+_PEFT_COPY = re.compile(r"\.modules_to_save\.[^.]+$")  # X.modules_to_save.<adapter> copies X.original_module
 
 
 class BlockMask:
