@@ -22,7 +22,7 @@ from prepare_embedded import REPO_ROOT, corpus_dir, model_dir
 SIZES = {
     # seqlen / windows of the perplexity protocol, calibration windows, fine-tuning sizes.
     "full": {"seqlen": 256, "eval_windows": 16, "nsamples": 16, "block_size": 256, "train_samples": 320,
-             "eval_samples": 32, "eval_steps": 20, "learning_rate": "1e-4"},
+             "eval_samples": 16, "eval_steps": 20, "learning_rate": "1e-4"},
     "quick": {"seqlen": 128, "eval_windows": 4, "nsamples": 4, "block_size": 128, "train_samples": 32,
               "eval_samples": 8, "eval_steps": 2, "learning_rate": "1e-4"},
 }
