@@ -99,10 +99,11 @@ def report(args) -> dict:
         raise UserError(f"{args.model_dir} and the reference {args.reference} do not have the same prunable layers")
     zeros, sizes, block_violations, scattered_violations, lost = {}, {}, {}, {}, {}
     scattered_zeros = 0
+    checks_its_own_blocks = model.pattern is not None and prunes_exact_counts(model.pattern)
     for name in names:
         weight = model.tensor(name)
         zeros[name], sizes[name] = int((weight == 0).sum()), weight.numel()
-        if model.pattern:
+        if checks_its_own_blocks:
             lost[_layer(name)] = blocks_lost(model.pattern, weight.shape, capture_mask(weight, model.block_size))
         if reference is not None:
             pruned = reference.tensor(name)
@@ -126,7 +127,7 @@ def report(args) -> dict:
               "zeros": sum(zeros.values()), "weights": total}
     if args.per_layer:
         result["layers"] = {_layer(name): zeros[name] / sizes[name] for name in names}
-    if model.pattern and prunes_exact_counts(model.pattern):
+    if checks_its_own_blocks:
         result.update(pruned_blocks_lost=sum(lost.values()),
                       layers_that_lost_blocks={name: count for name, count in lost.items() if count})
     if reference is not None:

@@ -282,13 +282,14 @@ class SparsityMasks:
         if block_size is None:
             self._drop_stray_zeros()
         self._share_masks_with_copies()
-        if pattern is not None and not any(is_sharded(linear.weight) for linear in self.linears.values()):
+        if (pattern is not None and prunes_exact_counts(pattern)
+                and not any(is_sharded(linear.weight) for linear in self.linears.values())):
             self._check_no_pruned_block_filled(pattern)  # (a shard holds only its rows' blocks)
         self.source = "none" if not self.masks else "sparsity_pattern" if block_size is not None else "zeros"
 
     def _check_no_pruned_block_filled(self, pattern: dict) -> None:
         """Masking the blocks left of a pattern that training or a merge without the masks has filled would keep a
-        pattern that is gone: refused, where the method says how many blocks it pruned."""
+        pattern that is gone: refused."""
         lost = {name: count for name, linear in self.linears.items()
                 if (count := blocks_lost(pattern, linear.weight.shape, self.masks.get(name)))}
         if lost:
