@@ -1,4 +1,5 @@
-"""SparseTrainingMixin keeps the pruned pattern in any Trainer subclass: TRL's SFTTrainer, a user's own."""
+"""SparseTrainingMixin keeps the pruned pattern in any Trainer subclass: TRL's SFTTrainer and DPOTrainer, a user's
+own."""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 from test_sparse_trainer import assert_pruned_weights_zero, pruned_tiny_model, token_dataset, training_args
 from tiny_models import tiny_llama, zero_random_blocks
 from transformers import AutoModelForCausalLM, Trainer
-from trl import SFTConfig, SFTTrainer
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from dense_ft.errors import UserError
 from dense_ft.masks import SparsityMasks
@@ -32,6 +33,10 @@ class SparseLabelSmoothingTrainer(SparseTrainingMixin, LabelSmoothingTrainer):
 
 
 class SparseSFTTrainer(SparseTrainingMixin, SFTTrainer):
+    pass
+
+
+class SparseDPOTrainer(SparseTrainingMixin, DPOTrainer):
     pass
 
 
@@ -99,6 +104,26 @@ def test_a_peft_config_given_to_sft_trainer_becomes_sparse_lora_whose_merge_keep
     assert SparsityMasks(original).violations(merged) == {}
     assert all(not torch.equal(original.get_submodule(name).weight, linear.weight)
                for name, linear in prunable_linears(merged).items())
+
+
+@pytest.mark.parametrize("peft_config", [None, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                                                                 task_type="CAUSAL_LM")], ids=["full", "lora"])
+def test_trl_dpo_trainer_keeps_the_pruned_blocks_of_the_policy_and_its_reference(tmp_path, tiny_pruned_dir, tokenizer,
+                                                                                  peft_config):
+    preferences = Dataset.from_list([{"prompt": f"What is {i} plus {i}?", "chosen": f" {2 * i}", "rejected": f" {i}"}
+                                     for i in range(8)])
+    args = DPOConfig(str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2, max_length=64,
+                     use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True, seed=0)
+    trainer = SparseDPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_pruned_dir), args=args,
+                               train_dataset=preferences, processing_class=tokenizer, peft_config=peft_config)
+    assert len(trainer.masks) == 14
+    trainer.train()
+    policy = trainer.model.merge_and_unload() if peft_config else trainer.model
+    original = AutoModelForCausalLM.from_pretrained(tiny_pruned_dir)
+    assert SparsityMasks(original).violations(policy) == {}
+    assert not torch.equal(original.model.layers[0].mlp.down_proj.weight, policy.model.layers[0].mlp.down_proj.weight)
+    if trainer.ref_model is not None:  # full DPO's frozen copy of the pruned model
+        assert SparsityMasks(original).violations(trainer.ref_model) == {}
 
 
 def test_plain_peft_adapters_on_pruned_weights_are_refused_and_sparse_lora_trains_and_merges_sparse(tmp_path):
