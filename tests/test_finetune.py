@@ -157,7 +157,7 @@ def test_the_final_evaluation_is_the_last_steps_own_when_the_loop_ran_one_there(
         assert {key: final[key] for key in last} == last  # the runtime included: no second pass
     else:  # only the evaluation before training: a new one of the final model
         assert [record["step"] for record in in_loop] == [0]
-        assert final["eval_loss"] != last["eval_loss"] and final["eval_runtime"] != last["eval_runtime"]
+        assert final["eval_loss"] != last["eval_loss"]  # (runtimes, rounded to 0.1 ms, can be equal)
     assert final["perplexity"] == pytest.approx(math.exp(final["eval_loss"]))
 
 
