@@ -59,7 +59,7 @@ from dense_ft.model_card import write_model_card
 from dense_ft.modeling import DTYPES, load_model
 from dense_ft.output_dir import check_not_an_input, locked_output_dir
 from dense_ft.sparse_lora import LLAMA_TARGET_MODULES, SparseLoraTrainer, add_sparse_lora, lora_config
-from dense_ft.sparse_trainer import SparseTrainer, check_sparsity
+from dense_ft.sparse_trainer import SparseTrainer, check_sparsity, check_steps_after_backward
 from dense_ft.sparsity import PATTERN_KEY
 from dense_ft.text import load_corpus, load_text_files, load_wikitext_dir
 
@@ -323,6 +323,7 @@ def final_evaluation(trainer: Trainer) -> dict:
 
 def check_optimizer(training_args: SparseTrainingArguments, model) -> None:
     """Refuse an --optim / --optim_args the Trainer cannot build (a missing package, say) before training."""
+    check_steps_after_backward(training_args.optim)
     try:
         SparseTrainer.get_optimizer_cls_and_kwargs(training_args, model)
     except (ImportError, ValueError) as error:

@@ -17,7 +17,7 @@ other adapter on a pruned weight is refused. The run is guarded as well
 import torch
 from peft import LoraConfig
 from transformers import Trainer, TrainerCallback
-from transformers.training_args import ParallelMode
+from transformers.training_args import OptimizerNames, ParallelMode
 
 from .errors import UserError
 from .guarded_trainer import GuardedTrainingMixin
@@ -26,6 +26,17 @@ from .sparse_lora import attach_masks, sparse_lora_config
 from .sparsity import check_sparsity
 
 __all__ = ["SparseTrainer", "SparseTrainingMixin", "check_sparsity"]
+
+
+def check_steps_after_backward(optim: str) -> None:
+    """Layer-wise optimizers (GaLore's, APOLLO's) and LOMO step each weight inside backward, on its gradient
+    unmasked: the pruned gradients would enter the optimizer's state and, through GaLore's projection, the
+    kept weights' updates."""
+    name = OptimizerNames(optim).value
+    if name.endswith("_layerwise") or name in (OptimizerNames.LOMO.value, OptimizerNames.ADALOMO.value):
+        raise UserError(f"--optim {name} steps each weight inside backward, before the masks can act on its "
+                        "gradient: choose an optimizer that steps after backward (adamw_torch, adamw_8bit, "
+                        "adafactor, galore_adamw, ...)")
 
 
 class _ReapplyMasksAfterStep(TrainerCallback):
@@ -46,6 +57,7 @@ class SparseTrainingMixin(GuardedTrainingMixin):
         if self.is_deepspeed_enabled:
             raise UserError("DeepSpeed is not supported: its engine steps inside backward, before the masks "
                             "can act; use DDP or FSDP2 (--fsdp)")
+        check_steps_after_backward(self.args.optim)
         if self.args.fp16 and any(p.dtype == torch.float16 for p in self.model.parameters()):
             raise UserError("--fp16 needs float32 weights (loss scaling cannot unscale float16 gradients): "
                             "load the model in float32, or train with --bf16")

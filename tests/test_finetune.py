@@ -86,6 +86,8 @@ def test_sigint_saves_a_checkpoint_and_the_rerun_resumes(method, tmp_path, tiny_
      "--output_dir {tmp}/model is the --model_name_or_path directory, which the run would overwrite"),
     ({"--teacher_model": "{tmp}/model", "--output_dir": "{tmp}/model"},
      "--output_dir {tmp}/model is the --teacher_model directory"),
+    ({"--optim": "galore_adamw_layerwise", "--optim_target_modules": "all-linear"},
+     "--optim galore_adamw_layerwise steps each weight inside backward, before the masks can act on its gradient"),
     pytest.param({"--optim": "adamw_torch_8bit"}, "--optim adamw_torch_8bit: You need to have `torchao",
                  marks=pytest.mark.skipif(importlib.util.find_spec("torchao") is not None,
                                           reason="torchao is installed")),

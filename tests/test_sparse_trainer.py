@@ -156,6 +156,13 @@ def test_fp16_weights_with_fp16_training_are_refused(tmp_path):
         SparseTrainer(model=model, args=training_args(tmp_path, fp16=True), train_dataset=token_dataset())
 
 
+@pytest.mark.parametrize("optim", ["lomo", "apollo_adamw_layerwise"])
+def test_optimizers_that_step_inside_backward_are_refused(optim, tmp_path):
+    with pytest.raises(UserError, match=f"--optim {optim} steps each weight inside backward"):
+        SparseTrainer(model=pruned_tiny_model()[0], args=training_args(tmp_path, optim=optim),
+                      train_dataset=token_dataset())
+
+
 def test_a_dense_model_trains_without_masks(tmp_path):
     model = tiny_llama()
     before = model.model.layers[0].mlp.up_proj.weight.detach().clone()
