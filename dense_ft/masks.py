@@ -343,7 +343,9 @@ class SparsityMasks:
 
     @torch.no_grad()
     def apply_to_weights(self) -> None:
-        apply_masks_((local_tensor(weight.data), mask) for _, weight, mask in self._weights_and_masks())
+        # The parameters themselves: ``.data`` would make a new tensor per matrix per pass, 0.5-0.9 ms of a 4 ms
+        # CPU pass over the embedded default's 210 matrices.
+        apply_masks_((local_tensor(weight), mask) for _, weight, mask in self._weights_and_masks())
 
     @torch.no_grad()
     def apply_to_grads(self) -> None:

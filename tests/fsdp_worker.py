@@ -59,6 +59,16 @@ def full_weights_respect(model, pruned) -> bool:
     return all(state[f"{name}.weight"][pruned[name]].eq(0).all() for name in prunable_linears(model))
 
 
+def weight_pass_reaches_the_shards(model, masks) -> bool:
+    """Whether ``apply_to_weights`` zeroes the pruned blocks of every filled shard (AdamW alone keeps them zero)."""
+    with torch.no_grad():
+        for linear in prunable_linears(model).values():
+            linear.weight.to_local().add_(1.0)
+    filled = bool(masks.violations())
+    masks.apply_to_weights()
+    return filled and masks.violations() == {}
+
+
 def fsdp1_refusal() -> str:
     model = tiny_llama()
     zero_random_blocks(model)
@@ -86,7 +96,7 @@ def fsdp2_report(out: Path, phase: str) -> dict:
         masks = SparsityMasks(model)  # re-derived from the zeros of this rank's loaded shards
         train(model, masks, STEPS, seed=100)
     q_proj = model.model.layers[0].self_attn.q_proj.weight
-    return dict(
+    report = dict(
         local_mask_bytes=masks.nbytes, full_mask_bytes=full_mask_bytes,
         local_q_proj_shape=list(q_proj.to_local().shape), global_q_proj_shape=list(q_proj.shape),
         local_masks={name: mask.pruned_blocks.tolist() for name, mask in masks.masks.items()
@@ -94,6 +104,7 @@ def fsdp2_report(out: Path, phase: str) -> dict:
         violations=masks.violations(), sparsity=check_sparsity(model),
         full_weights_respect_masks=bool(full_weights_respect(model, pruned)),
     )
+    return report | {"weight_pass_reaches_the_shards": weight_pass_reaches_the_shards(model, masks)}
 
 
 def main(out: Path, phase: str) -> None:

@@ -71,6 +71,7 @@ def test_fsdp2_training_and_resume_keep_every_pruned_weight_zero(fsdp_reports):
         for report in fsdp_reports[phase]:
             assert report["violations"] == {}
             assert report["full_weights_respect_masks"]
+            assert report["weight_pass_reaches_the_shards"]
             assert 0.1 < report["sparsity"] < 0.3
     for trained, resumed in zip(fsdp_reports["train"], fsdp_reports["resume"], strict=True):
         assert resumed["local_masks"] == trained["local_masks"]  # re-derived from the checkpoint's shards
