@@ -5,10 +5,10 @@ import shutil
 
 import pytest
 import torch
-from tiny_models import BLOCK
+from tiny_models import BLOCK, tiny_llama, zero_random_blocks
 
 from dense_ft import block_zero
-from dense_ft.masks import BlockMask, apply_masks_
+from dense_ft.masks import BlockMask, SparsityMasks, apply_masks_
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 
@@ -101,6 +101,23 @@ def test_a_pass_with_nothing_for_the_kernel_neither_builds_it_nor_warns(fresh_ke
         apply_masks_([(transposed, mask)])
     assert not caplog.records and block_zero._kernel.cache_info().currsize == 0
     assert not transposed.any()
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_the_weight_pass_zeroes_the_trainable_parameters_themselves(fresh_kernel, monkeypatch, native):
+    monkeypatch.setenv("DENSE_FT_NATIVE_MASKING", native)
+    model = tiny_llama()
+    zero_random_blocks(model)
+    masks = SparsityMasks(model)
+    weights = [linear.weight for linear in masks.linears.values()]
+    with torch.no_grad():
+        for weight in weights:
+            weight.add_(1.0)
+    versions = [weight._version for weight in weights]
+    masks.apply_to_weights()
+    assert masks.violations() == {} and all(weight.requires_grad for weight in weights)
+    # Written in place, as an optimizer's step is: autograd sees each parameter change.
+    assert all(weight._version > version for weight, version in zip(weights, versions, strict=True))
 
 
 def test_the_kernel_can_be_switched_off(fresh_kernel, monkeypatch):
