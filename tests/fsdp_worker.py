@@ -3,8 +3,9 @@
 ``train`` shards a tiny pruned Llama with ``fully_shard`` (gloo, CPU), keeps only this rank's
 rows of each mask, trains a few AdamW steps and saves a distributed checkpoint; ``resume``
 loads that checkpoint into a fresh model, re-derives the masks from its shards' zeros and
-trains on; ``fsdp1`` wraps it in FSDP1 instead, whose flattened parameters the masks refuse.
-Each rank writes what it saw to ``OUT/rank{R}.{phase}.json``.
+trains on; ``lora`` adds sparse LoRA adapters before sharding, as ``SparseTrainingMixin`` does with a
+``peft_config``, trains them and merges the gathered model; ``fsdp1`` wraps it in FSDP1 instead,
+whose flattened parameters the masks refuse. Each rank writes what it saw to ``OUT/rank{R}.{phase}.json``.
 """
 
 import json
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from peft import LoraConfig, get_peft_model
 from tiny_models import tiny_llama, zero_random_blocks
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -25,6 +27,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 
 from dense_ft.errors import UserError
 from dense_ft.masks import SparsityMasks
+from dense_ft.sparse_lora import LLAMA_TARGET_MODULES, attach_masks, sparse_lora_config
 from dense_ft.sparsity import check_sparsity, prunable_linears
 
 STEPS = 6
@@ -69,6 +72,42 @@ def weight_pass_reaches_the_shards(model, masks) -> bool:
     return filled and masks.violations() == {}
 
 
+def sparse_lora_model(seed: int = 0):
+    """A tiny pruned Llama with sparse LoRA adapters (random B: the update is non-zero from the start), its
+    pruned positions, and its masks, the way the mixin builds them from a ``peft_config``."""
+    model = tiny_llama(seed=seed)
+    pruned = zero_random_blocks(model)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=list(LLAMA_TARGET_MODULES), init_lora_weights=False)
+    peft_model = get_peft_model(model, sparse_lora_config(config))
+    masks = SparsityMasks(peft_model)
+    return attach_masks(peft_model, masks), pruned, masks
+
+
+def fsdp2_lora_report() -> dict:
+    model, pruned, masks = sparse_lora_model()
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    masks.match_local_shards()
+    before = {name: p.detach().full_tensor().clone() for name, p in model.named_parameters() if p.requires_grad}
+    train(model, masks, STEPS, seed=0)
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    unsharded, _, _ = sparse_lora_model()
+    unsharded.load_state_dict(state)
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        same_function = torch.allclose(model(input_ids=ids).logits, unsharded(input_ids=ids).logits, atol=1e-5)
+    merged = unsharded.merge_and_unload()
+    return dict(
+        base_shard_shape=list(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+                              .to_local().shape),
+        adapters_trained=all(not torch.equal(before[name], state[name]) for name in before),
+        sharded_equals_unsharded=same_function,
+        merged_pruned_nonzero=sum(int(linear.weight[pruned[name]].ne(0).sum())
+                                  for name, linear in prunable_linears(merged).items()),
+    )
+
+
 def fsdp1_refusal() -> str:
     model = tiny_llama()
     zero_random_blocks(model)
@@ -109,7 +148,10 @@ def fsdp2_report(out: Path, phase: str) -> dict:
 
 def main(out: Path, phase: str) -> None:
     dist.init_process_group("gloo")
-    report = {"refusal": fsdp1_refusal()} if phase == "fsdp1" else fsdp2_report(out, phase)
+    if phase == "fsdp1":
+        report = {"refusal": fsdp1_refusal()}
+    else:
+        report = fsdp2_lora_report() if phase == "lora" else fsdp2_report(out, phase)
     (out / f"rank{dist.get_rank()}.{phase}.json").write_text(json.dumps(report))
     dist.destroy_process_group()
 

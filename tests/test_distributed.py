@@ -1,4 +1,5 @@
-"""Two processes on the CPU (gloo): DDP through the fine-tuning entry point, the FSDP2 mask path, FSDP1 refused."""
+"""Two processes on the CPU (gloo): DDP through the fine-tuning entry point, the FSDP2 mask path (full and sparse
+LoRA), FSDP1 refused."""
 
 import json
 import subprocess
@@ -75,6 +76,18 @@ def test_fsdp2_training_and_resume_keep_every_pruned_weight_zero(fsdp_reports):
             assert 0.1 < report["sparsity"] < 0.3
     for trained, resumed in zip(fsdp_reports["train"], fsdp_reports["resume"], strict=True):
         assert resumed["local_masks"] == trained["local_masks"]  # re-derived from the checkpoint's shards
+
+
+def test_fsdp2_sparse_lora_trains_sharded_and_merges_with_every_pruned_weight_zero(tmp_path):
+    # What SparseTrainingMixin with a peft_config runs under the Trainer's FSDP2 (which needs CUDA): sparse LoRA
+    # layers whose base weights and adapters are row shards. A plain LoRA merge leaves 15616 of them non-zero.
+    result = run_torchrun("tests/fsdp_worker.py", tmp_path, "lora")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"rank{rank}.lora.json").read_text())
+        assert report["base_shard_shape"] == [32, 64]
+        assert report["adapters_trained"] and report["sharded_equals_unsharded"]
+        assert report["merged_pruned_nonzero"] == 0
 
 
 def test_fsdp1_flattened_weights_are_refused_in_one_line(tmp_path):
