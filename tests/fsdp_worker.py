@@ -150,8 +150,10 @@ def main(out: Path, phase: str) -> None:
     dist.init_process_group("gloo")
     if phase == "fsdp1":
         report = {"refusal": fsdp1_refusal()}
+    elif phase == "lora":
+        report = fsdp2_lora_report()
     else:
-        report = fsdp2_lora_report() if phase == "lora" else fsdp2_report(out, phase)
+        report = fsdp2_report(out, phase)
     (out / f"rank{dist.get_rank()}.{phase}.json").write_text(json.dumps(report))
     dist.destroy_process_group()
 

@@ -79,8 +79,8 @@ def test_fsdp2_training_and_resume_keep_every_pruned_weight_zero(fsdp_reports):
 
 
 def test_fsdp2_sparse_lora_trains_sharded_and_merges_with_every_pruned_weight_zero(tmp_path):
-    # What SparseTrainingMixin with a peft_config runs under the Trainer's FSDP2 (which needs CUDA): sparse LoRA
-    # layers whose base weights and adapters are row shards. A plain LoRA merge leaves 15616 of them non-zero.
+    # What SparseTrainingMixin does with a peft_config, without the Trainer (its FSDP2 path needs CUDA): sparse
+    # LoRA layers whose base weights and adapters are row shards. Without the masks the merge leaves 15616 non-zero.
     result = run_torchrun("tests/fsdp_worker.py", tmp_path, "lora")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for rank in (0, 1):
