@@ -25,6 +25,17 @@ def pruned_pairs(shapes, dtype, ratio=0.2, seed=0):
     return pairs
 
 
+def sixteen_bytes_off(tensor):
+    """A copy of ``tensor`` whose first element lies 16 bytes past a 32-byte boundary (the kernel's 32-byte stores
+    begin with one of 16 bytes)."""
+    elements = 16 // tensor.element_size()
+    storage = torch.empty(tensor.numel() + elements, dtype=tensor.dtype)
+    copy = storage[elements:].view(tensor.shape)
+    copy.copy_(tensor)
+    assert copy.data_ptr() % 32 == 16
+    return copy
+
+
 def expected_after_indexed_write(pairs):
     expected = []
     for tensor, mask in pairs:
@@ -53,7 +64,8 @@ def fresh_kernel(monkeypatch, tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_the_kernel_zeroes_the_same_positions_as_the_indexed_write(dtype):
     # 1024 x 1024 alone has ~820 pruned blocks: enough for several threads, whose shares cross matrices.
-    pairs = pruned_pairs([(64, 96), (1024, 1024), (32, 16), (16, 2048), (96, 64)], dtype)
+    pairs = pruned_pairs([(64, 96), (1024, 1024), (32, 16), (16, 2048), (96, 64), (64, 96)], dtype)
+    pairs[-1] = (sixteen_bytes_off(pairs[-1][0]), pairs[-1][1])
     expected = expected_after_indexed_write(pairs)
     one_by_one = [(tensor.clone(), mask) for tensor, mask in pairs]
     versions = [tensor._version for tensor, _ in pairs]
