@@ -342,10 +342,13 @@ class SparsityMasks:
         return ((name, self.linears[name].weight, mask) for name, mask in self.masks.items())
 
     @torch.no_grad()
-    def apply_to_weights(self) -> None:
+    def apply_to_weights(self, trainable_only: bool = False) -> None:
+        """Zero the pruned blocks of the weights; with ``trainable_only``, of those that require grad: all that an
+        optimizer step can change (a PEFT model's frozen base weights are left as they are)."""
         # The parameters themselves: ``.data`` would make a new tensor per matrix per pass, 0.5-0.9 ms of a 4 ms
         # CPU pass over the embedded default's 210 matrices.
-        apply_masks_((local_tensor(weight), mask) for _, weight, mask in self._weights_and_masks())
+        apply_masks_((local_tensor(weight), mask) for _, weight, mask in self._weights_and_masks()
+                     if weight.requires_grad or not trainable_only)
 
     @torch.no_grad()
     def apply_to_grads(self) -> None:
@@ -354,7 +357,7 @@ class SparsityMasks:
 
     def attach_to_optimizer(self, optimizer: torch.optim.Optimizer) -> tuple:
         """Keep the pattern in a training loop of one's own: each ``optimizer.step()`` zeroes the pruned
-        gradients first (the optimizer's moments for them stay zero) and re-masks the weights after.
+        gradients first (the optimizer's moments for them stay zero) and re-masks the trainable weights after.
 
         Returns the two hooks' handles (``.remove()`` detaches them). Attach to the torch optimizer itself,
         before ``accelerator.prepare`` wraps it. The trainers also mask the gradients before clipping,
@@ -362,7 +365,7 @@ class SparsityMasks:
         Under FSDP2, call ``match_local_shards()`` once the model is sharded.
         """
         return (optimizer.register_step_pre_hook(lambda *_: self.apply_to_grads()),
-                optimizer.register_step_post_hook(lambda *_: self.apply_to_weights()))
+                optimizer.register_step_post_hook(lambda *_: self.apply_to_weights(trainable_only=True)))
 
     @torch.no_grad()
     def violations(self, model: nn.Module | None = None) -> dict[str, int]:

@@ -44,7 +44,7 @@ class _ReapplyMasksAfterStep(TrainerCallback):
         self.trainer = trainer  # its masks, not these: each model from model_init has its own
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer.masks.apply_to_weights()
+        self.trainer.masks.apply_to_weights(trainable_only=True)
 
 
 class SparseTrainingMixin(GuardedTrainingMixin):

@@ -96,7 +96,10 @@ def test_a_peft_config_given_to_sft_trainer_becomes_sparse_lora_whose_merge_keep
                                train_dataset=chat_dataset(embedded_corpus_dir), processing_class=tokenizer)
     adapted = [module for module in trainer.model.modules() if isinstance(module, MaskedLoraLinear)]
     assert len(adapted) == 12 and all(module.pruned is not None for module in adapted)
+    frozen = [linear.weight for linear in trainer.masks.linears.values() if not linear.weight.requires_grad]
+    versions = [weight._version for weight in frozen]
     trainer.train()
+    assert len(frozen) == 14 and [weight._version for weight in frozen] == versions  # no step rewrites them
     # What TRL's plain LoRA would have merged into the pruned blocks: the masking is what keeps them zero.
     assert update_on_pruned_blocks(trainer.model, trainer.masks)["pruned_weights_a_plain_merge_would_change"] > 0
     merged = trainer.model.merge_and_unload()

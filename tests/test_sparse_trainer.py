@@ -85,9 +85,9 @@ def test_masks_act_only_on_real_optimizer_steps(tmp_path):
     for kind, method in (("grads", "apply_to_grads"), ("weights", "apply_to_weights")):
         original = getattr(trainer.masks, method)
 
-        def counted(original=original, kind=kind):
+        def counted(*args, original=original, kind=kind, **kwargs):
             calls[kind] += 1
-            original()
+            original(*args, **kwargs)
         setattr(trainer.masks, method, counted)
     trainer.train()
     assert calls == {"grads": 4, "weights": 4}
