@@ -163,6 +163,28 @@ def test_optimizers_that_step_inside_backward_are_refused(optim, tmp_path):
                       train_dataset=token_dataset())
 
 
+# GaLore steps a weight by a low-rank projection of its masked gradient, bitsandbytes' 8-bit AdamW by quantized
+# moments: both fill the pruned blocks (checked) unless the weights are re-masked after each step. APOLLO scales
+# the masked gradient itself.
+LOW_MEMORY_OPTIMIZERS = {"galore_adamw": "galore_torch", "galore_adafactor": "galore_torch",
+                         "apollo_adamw": "apollo_torch", "adamw_8bit": "bitsandbytes"}
+
+
+@pytest.mark.parametrize("optim", LOW_MEMORY_OPTIMIZERS)
+def test_low_memory_optimizers_that_step_after_backward_keep_the_pruned_weights_zero(optim, tmp_path):
+    model, pruned = pruned_tiny_model()
+    targets = ["q_proj", "down_proj"]  # GaLore's and APOLLO's projected weights; the others step as in AdamW
+    before = {name: linear.weight.detach().clone() for name, linear in prunable_linears(model).items()}
+    trainer = SparseTrainer(model=model, args=training_args(tmp_path, optim=optim, optim_target_modules=targets,
+                                                            optim_args="rank=4,update_proj_gap=4"),
+                            train_dataset=token_dataset())
+    trainer.train()
+    assert type(trainer.optimizer.optimizer).__module__.startswith(LOW_MEMORY_OPTIMIZERS[optim])
+    assert trainer.masks.violations() == {}
+    assert_pruned_weights_zero(model, pruned)
+    assert all(not torch.equal(before[name], linear.weight) for name, linear in prunable_linears(model).items())
+
+
 def test_a_dense_model_trains_without_masks(tmp_path):
     model = tiny_llama()
     before = model.model.layers[0].mlp.up_proj.weight.detach().clone()
