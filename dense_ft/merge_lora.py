@@ -15,23 +15,19 @@ import argparse
 
 import torch
 from peft.tuners.lora import Linear as LoraLinear
-from peft.utils import ModulesToSaveWrapper
 
 from dense_ft.check_sparsity import exit_with_report
 from dense_ft.errors import UserError, exit_on_user_error
 from dense_ft.masks import SparsityMasks
 from dense_ft.modeling import DTYPES, check_model_source, load_model, save_model
 from dense_ft.output_dir import check_not_an_input, check_output_path
-from dense_ft.sparse_lora import MaskedLoraLinear, check_adapter_source, load_sparse_lora
-
-
-def pruned_weight_copies(peft_model, masks: SparsityMasks):
-    """``(copy, pruned weight, mask)`` for each active ``modules_to_save`` copy of a pruned weight."""
-    mask_of = {masks.linears[name]: mask for name, mask in masks.masks.items()}
-    for module in peft_model.modules():
-        if isinstance(module, ModulesToSaveWrapper) and module.original_module in mask_of and module.active_adapters:
-            original = module.original_module
-            yield module.modules_to_save[module.active_adapters[0]].weight, original.weight, mask_of[original]
+from dense_ft.sparse_lora import (
+    MaskedLoraLinear,
+    check_adapter_source,
+    load_lora_as_saved,
+    mask_pruned_weight_copies,
+    pruned_weight_copies,
+)
 
 
 def adapter_updates(peft_model, masks: SparsityMasks):
@@ -63,12 +59,6 @@ def update_on_pruned_blocks(peft_model, masks: SparsityMasks) -> dict:
             "pruned_weights_a_plain_merge_would_change": touched}
 
 
-@torch.no_grad()
-def mask_pruned_weight_copies(peft_model, masks: SparsityMasks) -> None:
-    for copy, _, mask in pruned_weight_copies(peft_model, masks):
-        mask.apply_(copy)
-
-
 def check_paths(args) -> None:
     """Before any work: an adapter, a pruned model that is not one, and an output that overwrites neither."""
     check_adapter_source(args.adapter)
@@ -83,7 +73,7 @@ def merge(args) -> dict:
     masks = SparsityMasks(model)
     if not masks:
         raise UserError(f"{args.pruned_model} has no pruned weights: there is nothing for the mask to keep")
-    peft_model = load_sparse_lora(model, args.adapter)
+    peft_model = load_lora_as_saved(model, args.adapter, masks)  # the copies as trained, for the report
     report = {"pruned_model": args.pruned_model, "adapter": args.adapter, "output_dir": args.output_dir,
               **update_on_pruned_blocks(peft_model, masks)}
     mask_pruned_weight_copies(peft_model, masks)

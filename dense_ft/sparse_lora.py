@@ -19,6 +19,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import ModulesToSaveWrapper
 from torch import nn
 from torch.nn import functional as F
 from transformers import Trainer
@@ -160,10 +161,10 @@ def check_adapter_source(adapter: str) -> None:
         raise UserError(f"adapter directory not found: {adapter}")
 
 
-def load_sparse_lora(model: nn.Module, adapter: str, is_trainable: bool = False) -> PeftModel:
-    """``PeftModel.from_pretrained`` for an adapter on a pruned ``model``, masked as in training."""
+def load_lora_as_saved(model: nn.Module, adapter: str, masks: SparsityMasks, is_trainable: bool = False) -> PeftModel:
+    """``PeftModel.from_pretrained`` with every LoRA update masked by ``masks`` (the pruned ``model``'s);
+    ``modules_to_save`` copies as saved."""
     check_adapter_source(adapter)
-    masks = SparsityMasks(model)
     try:
         config = LoraConfig.from_pretrained(adapter)
     except Exception as error:  # a missing Hub id, a malformed config: one line either way
@@ -173,6 +174,32 @@ def load_sparse_lora(model: nn.Module, adapter: str, is_trainable: bool = False)
     peft_model = PeftModel.from_pretrained(model, adapter, config=sparse_lora_config(config),
                                            is_trainable=is_trainable)
     return attach_masks(peft_model, masks)
+
+
+def load_sparse_lora(model: nn.Module, adapter: str, is_trainable: bool = False) -> PeftModel:
+    """``PeftModel.from_pretrained`` for an adapter on a pruned ``model``, masked as in training: the LoRA updates,
+    and each ``modules_to_save`` copy of a pruned weight (trained whole, by plain PEFT maybe), whose pruned blocks
+    are reset to zero. So the model computes what its ``merge_and_unload()`` holds, which keeps every pruned block
+    zero."""
+    masks = SparsityMasks(model)
+    peft_model = load_lora_as_saved(model, adapter, masks, is_trainable)
+    mask_pruned_weight_copies(peft_model, masks)
+    return peft_model
+
+
+def pruned_weight_copies(peft_model: PeftModel, masks: SparsityMasks):
+    """``(copy, pruned weight, mask)`` for each active ``modules_to_save`` copy of a pruned weight."""
+    mask_of = {masks.linears[name]: mask for name, mask in masks.masks.items()}
+    for module in peft_model.modules():
+        if isinstance(module, ModulesToSaveWrapper) and module.original_module in mask_of and module.active_adapters:
+            original = module.original_module
+            yield module.modules_to_save[module.active_adapters[0]].weight, original.weight, mask_of[original]
+
+
+@torch.no_grad()
+def mask_pruned_weight_copies(peft_model: PeftModel, masks: SparsityMasks) -> None:
+    for copy, _, mask in pruned_weight_copies(peft_model, masks):
+        mask.apply_(copy)
 
 
 def lora_config(rank: int, alpha: float, dropout: float, target_modules: list[str]) -> LoraConfig:

@@ -185,16 +185,22 @@ def test_pissa_would_fill_the_pruned_blocks_of_the_base_weight():
     assert all(base_weights[name][positions].ne(0).any() for name, positions in pruned.items())
 
 
-def test_merging_a_modules_to_save_copy_of_a_pruned_weight_resets_its_pruned_blocks(tmp_path, tiny_pruned_dir,
-                                                                                    capsys):
-    # An adapter trained by plain PEFT: LoRA on v_proj, and a full copy of q_proj trained whole.
-    plain = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_pruned_dir),
+def adapter_with_a_trained_copy(pruned_dir, adapter_dir):
+    """An adapter trained by plain PEFT: LoRA on v_proj, and a full copy of q_proj trained whole (pruned blocks
+    included)."""
+    plain = get_peft_model(AutoModelForCausalLM.from_pretrained(pruned_dir),
                            config(target_modules=["v_proj"], modules_to_save=["q_proj"]))
     with torch.no_grad():
         for name, p in plain.named_parameters():
             if "modules_to_save" in name and name.endswith("weight"):
                 p.add_(torch.randn_like(p), alpha=1e-2)
-    plain.save_pretrained(tmp_path / "adapter")
+    plain.save_pretrained(adapter_dir)
+    return plain
+
+
+def test_merging_a_modules_to_save_copy_of_a_pruned_weight_resets_its_pruned_blocks(tmp_path, tiny_pruned_dir,
+                                                                                    capsys):
+    plain = adapter_with_a_trained_copy(tiny_pruned_dir, tmp_path / "adapter")
     pruned = {name: linear.weight == 0
               for name, linear in prunable_linears(AutoModelForCausalLM.from_pretrained(tiny_pruned_dir)).items()}
 
@@ -209,6 +215,19 @@ def test_merging_a_modules_to_save_copy_of_a_pruned_weight_resets_its_pruned_blo
     trained_copy = plain.base_model.model.model.layers[0].self_attn.q_proj.modules_to_save["default"].weight
     q_proj, kept = merged.model.layers[0].self_attn.q_proj.weight, ~pruned["model.layers.0.self_attn.q_proj"]
     assert q_proj[~kept].eq(0).all() and torch.equal(q_proj[kept], trained_copy[kept])
+
+
+def test_a_modules_to_save_copy_of_a_pruned_weight_loads_masked_and_merges_sparse(tmp_path, tiny_pruned_dir):
+    adapter_with_a_trained_copy(tiny_pruned_dir, tmp_path / "adapter")
+    masks = SparsityMasks(AutoModelForCausalLM.from_pretrained(tiny_pruned_dir))
+    loaded = load_sparse_lora(AutoModelForCausalLM.from_pretrained(tiny_pruned_dir), str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        logits = loaded(input_ids=INPUT).logits
+        merged = loaded.merge_and_unload()
+        assert torch.allclose(merged(input_ids=INPUT).logits, logits, atol=1e-5)  # what was evaluated is what merged
+    assert masks.violations(merged) == {}
+    assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight,  # the copy's kept weights as trained
+                           masks.linears["model.layers.0.self_attn.q_proj"].weight)
 
 
 @pytest.mark.parametrize("case, refusal", [
