@@ -165,9 +165,9 @@ def test_optimizers_that_step_inside_backward_are_refused(optim, tmp_path):
 
 # GaLore steps a weight by a low-rank projection of its masked gradient, bitsandbytes' 8-bit AdamW by quantized
 # moments: both fill the pruned blocks (checked) unless the weights are re-masked after each step. APOLLO scales
-# the masked gradient itself.
+# the masked gradient itself; Adafactor factors its second moments over rows and columns.
 LOW_MEMORY_OPTIMIZERS = {"galore_adamw": "galore_torch", "galore_adafactor": "galore_torch",
-                         "apollo_adamw": "apollo_torch", "adamw_8bit": "bitsandbytes"}
+                         "apollo_adamw": "apollo_torch", "adamw_8bit": "bitsandbytes", "adafactor": "transformers"}
 
 
 @pytest.mark.parametrize("optim", LOW_MEMORY_OPTIMIZERS)
