@@ -5,9 +5,9 @@
  * of one, and an ordinary store would first read the line it overwrites; with streaming
  * stores a scattered write of the pruned blocks runs near the speed of one contiguous
  * memset of their bytes. The blocks of one block row are written row by row, neighbours as
- * one span, in address order; with 32-byte stores (AVX2, where the CPU has it) that takes
- * a sixth off the time of writing block after block (BENCHMARKS.md). Built by block_zero.py
- * and called through ctypes.
+ * one span, in address order; with 32-byte stores (AVX2, where the CPU has it) that took a
+ * sixth off the time of writing block after block on an Intel Xeon (BENCHMARKS.md; not yet
+ * measured on AMD). Built by block_zero.py and called through ctypes.
  */
 #include <pthread.h>
 #include <stdint.h>
