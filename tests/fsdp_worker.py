@@ -52,7 +52,7 @@ def train(model, masks, steps: int, seed: int):
         model(input_ids=ids, labels=ids).loss.backward()
         masks.apply_to_grads()
         optimizer.step()
-        masks.apply_to_weights()
+        masks.apply_to_weights(trainable_only=True)  # as the trainers do after a step
         optimizer.zero_grad()
     return optimizer
 
