@@ -7,7 +7,8 @@ pass through PyTorch's indexed write, against their floor: one ``zero_`` of a co
 holding exactly the pruned blocks' bytes, in the same dtype. The three alternate, so that a
 noisy machine slows them alike. On a GPU the pass is also replayed from a CUDA graph (one
 capture of all its small kernels: the weights never move), which is timed with them; on a CPU
-the kernel's call alone, its table built beforehand (the pass less that is its Python part).
+the kernel's call alone, its table built beforehand (the pass less that is its Python part), in the order
+this CPU gets (``kernel_cpu``) and in each order forced (``kernel_blocks``, ``kernel_rows``).
 
     python bench/bench_masking.py                                                  # 7B shape, bf16, cuda
     python bench/bench_masking.py --config smollm2-135m --device cpu --dtype float32  # the embedded default's
@@ -59,7 +60,8 @@ def main():
     weights = [local_tensor(masks.linears[name].weight.data) for name in masks.masks]
     rows = [mask.native_row(weight) for weight, mask in zip(weights, masks.masks.values(), strict=True)]
     if None not in rows and block_zero.zero_blocks_(weights, rows):  # False: no kernel (nothing written)
-        functions["kernel"] = lambda: block_zero.zero_blocks_(weights, rows)
+        for order in block_zero.ORDERS:
+            functions[f"kernel_{order}"] = lambda order=order: block_zero.zero_blocks_(weights, rows, order)
     graph_error = None
     if args.device.startswith("cuda"):
         try:
@@ -81,8 +83,7 @@ def main():
               "indexed_over_floor": round(indexed_seconds / floor_seconds, 2),
               "rounds_ms": {key: [milliseconds(s) for s in values] for key, values in timings.items()},
               "weight_gib_per_s": round(weight_bytes / 2**30 / pass_seconds, 1)}
-    if "kernel" in seconds:
-        report["kernel_ms"] = milliseconds(seconds["kernel"])
+    report.update({f"{key}_ms": milliseconds(value) for key, value in seconds.items() if key.startswith("kernel_")})
     if "cuda_graph" in seconds:
         report["cuda_graph_ms"] = milliseconds(seconds["cuda_graph"])
         report["cuda_graph_over_floor"] = round(seconds["cuda_graph"] / floor_seconds, 2)

@@ -4,10 +4,14 @@
  * They are written with non-temporal stores: a row of a block is a whole cache line or half
  * of one, and an ordinary store would first read the line it overwrites; with streaming
  * stores a scattered write of the pruned blocks runs near the speed of one contiguous
- * memset of their bytes. The blocks of one block row are written row by row, neighbours as
- * one span, in address order; with 32-byte stores (AVX2, where the CPU has it) that took a
- * sixth off the time of writing block after block on an Intel Xeon (BENCHMARKS.md; not yet
- * measured on AMD). Built by block_zero.py and called through ctypes.
+ * memset of their bytes. Neighbouring blocks are written as one span (two half lines make a
+ * whole one), with 32-byte stores where the CPU has AVX2.
+ *
+ * The order that is fastest depends on the CPU (BENCHMARKS.md, "Which order on which CPU"):
+ * block by block on two AMD EPYC VMs, where writing each block row row by row in address
+ * order took 1.6-1.9x as long in float32; row by row on an Intel Xeon, where it took a sixth
+ * off. ORDER_CPU picks by vendor; the others force one, for tests and benchmarks.
+ * Built by block_zero.py and called through ctypes.
  */
 #include <pthread.h>
 #include <stdint.h>
@@ -29,11 +33,13 @@ typedef struct {
     int64_t count;         /* pruned blocks */
 } matrix_t;
 
+typedef void (*zero_range_t)(const matrix_t *, int64_t, int64_t); /* blocks [start, stop) of one matrix */
+
 typedef struct {
     const matrix_t *matrices;
     int64_t num_matrices;
     int64_t first, last; /* this thread's share: blocks [first, last) counted over all matrices */
-    void (*zero_range)(const matrix_t *, int64_t, int64_t);
+    zero_range_t zero_range;
 } share_t;
 
 #if defined(__x86_64__)
@@ -58,10 +64,33 @@ static inline void zero_span_sse2(char *p, int64_t n) { memset(p, 0, (size_t)n);
 
 typedef void (*zero_span_t)(char *, int64_t);
 
-/* Blocks [start, stop) of m: each run of them in one block row, row by row, a run of neighbours as one span.
- * Always inlined with a constant zero_span, so that each caller below is compiled for its own stores. */
-__attribute__((always_inline)) static inline void zero_range(const matrix_t *m, int64_t start, int64_t stop,
-                                                             zero_span_t zero_span) {
+enum { ORDER_CPU = 0, ORDER_BLOCKS = 1, ORDER_ROWS = 2 };
+
+/* The end of the run of neighbouring blocks (one block row, side by side) that starts at block k. */
+static inline int64_t run_end(const int64_t *starts, int64_t k, int64_t stop, int64_t block_size) {
+    int64_t next = k + 1;
+    while (next < stop && starts[next] == starts[next - 1] + block_size) next++;
+    return next;
+}
+
+/* The helpers below are always inlined with a constant zero_span, so that each caller is compiled for its stores. */
+
+/* Blocks [start, stop) of m, one run of neighbours after another, each run row by row. */
+__attribute__((always_inline)) static inline void zero_in_block_order(const matrix_t *m, int64_t start,
+                                                                      int64_t stop, zero_span_t zero_span) {
+    const int64_t *starts = (const int64_t *)(intptr_t)m->block_starts;
+    char *data = (char *)(intptr_t)m->data;
+    int64_t block_bytes = m->block_size * m->element_bytes;
+    for (int64_t k = start, next; k < stop; k = next) {
+        next = run_end(starts, k, stop, m->block_size);
+        char *corner = data + starts[k] * m->element_bytes;
+        for (int64_t r = 0; r < m->block_size; r++) zero_span(corner + r * m->row_bytes, (next - k) * block_bytes);
+    }
+}
+
+/* Blocks [start, stop) of m: the blocks of each block row together, row by row, in address order. */
+__attribute__((always_inline)) static inline void zero_in_row_order(const matrix_t *m, int64_t start, int64_t stop,
+                                                                    zero_span_t zero_span) {
     const int64_t *starts = (const int64_t *)(intptr_t)m->block_starts;
     char *data = (char *)(intptr_t)m->data;
     int64_t columns = m->row_bytes / m->element_bytes, band = columns * m->block_size; /* elements per block row */
@@ -70,22 +99,38 @@ __attribute__((always_inline)) static inline void zero_range(const matrix_t *m, 
         for (end = first + 1; end < stop && starts[end] / band == starts[first] / band; end++) {}
         for (int64_t r = 0; r < m->block_size; r++) {
             for (int64_t k = first, next; k < end; k = next) {
-                for (next = k + 1; next < end && starts[next] == starts[next - 1] + m->block_size; next++) {}
+                next = run_end(starts, k, end, m->block_size);
                 zero_span(data + (starts[k] + r * columns) * m->element_bytes, (next - k) * block_bytes);
             }
         }
     }
 }
 
-static void zero_range_sse2(const matrix_t *m, int64_t start, int64_t stop) {
-    zero_range(m, start, stop, zero_span_sse2);
+static void blocks_sse2(const matrix_t *m, int64_t start, int64_t stop) {
+    zero_in_block_order(m, start, stop, zero_span_sse2);
+}
+
+static void rows_sse2(const matrix_t *m, int64_t start, int64_t stop) {
+    zero_in_row_order(m, start, stop, zero_span_sse2);
 }
 
 #if defined(__x86_64__)
-__attribute__((target("avx2"))) static void zero_range_avx2(const matrix_t *m, int64_t start, int64_t stop) {
-    zero_range(m, start, stop, zero_span_avx2);
+__attribute__((target("avx2"))) static void blocks_avx2(const matrix_t *m, int64_t start, int64_t stop) {
+    zero_in_block_order(m, start, stop, zero_span_avx2);
+}
+
+__attribute__((target("avx2"))) static void rows_avx2(const matrix_t *m, int64_t start, int64_t stop) {
+    zero_in_row_order(m, start, stop, zero_span_avx2);
 }
 #endif
+
+static zero_range_t choose_zero_range(int order) {
+#if defined(__x86_64__)
+    if (order == ORDER_CPU) order = __builtin_cpu_is("intel") ? ORDER_ROWS : ORDER_BLOCKS;
+    if (__builtin_cpu_supports("avx2")) return order == ORDER_ROWS ? rows_avx2 : blocks_avx2;
+#endif
+    return order == ORDER_ROWS ? rows_sse2 : blocks_sse2;
+}
 
 static void *zero_share(void *arg) {
     const share_t *share = arg;
@@ -103,7 +148,7 @@ static void *zero_share(void *arg) {
     return NULL;
 }
 
-void zero_blocks(const matrix_t *matrices, int64_t num_matrices, int threads) {
+void zero_blocks(const matrix_t *matrices, int64_t num_matrices, int threads, int order) {
     int64_t total = 0;
     for (int64_t i = 0; i < num_matrices; i++) total += matrices[i].count;
     if (threads > total / MIN_BLOCKS_PER_THREAD) threads = (int)(total / MIN_BLOCKS_PER_THREAD);
@@ -112,10 +157,7 @@ void zero_blocks(const matrix_t *matrices, int64_t num_matrices, int threads) {
     share_t shares[MAX_THREADS];
     pthread_t ids[MAX_THREADS];
     int started[MAX_THREADS] = {0};
-    void (*zero_range)(const matrix_t *, int64_t, int64_t) = zero_range_sse2;
-#if defined(__x86_64__)
-    if (__builtin_cpu_supports("avx2")) zero_range = zero_range_avx2;
-#endif
+    zero_range_t zero_range = choose_zero_range(order);
     for (int t = 0; t < threads; t++) {
         shares[t] = (share_t){matrices, num_matrices, total * t / threads, total * (t + 1) / threads, zero_range};
     }

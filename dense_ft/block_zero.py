@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("block_zero.c")
 ALIGNMENT = 16  # bytes of one streaming store; a power of two, so matrix_row can test several sizes in one OR
+# The orders the kernel can write the blocks in (ORDER_* in block_zero.c): "cpu" lets the CPU's vendor choose.
+ORDERS = ("cpu", "blocks", "rows")
 
 
 def matrix_row(tensor: torch.Tensor, block_starts: torch.Tensor, block_size: int) -> tuple | None:
@@ -47,15 +49,15 @@ def matrix_row(tensor: torch.Tensor, block_starts: torch.Tensor, block_size: int
     return address, row_bytes, element, block_size, block_starts.data_ptr(), block_starts.numel()
 
 
-def zero_blocks_(tensors: list[torch.Tensor], rows: list[tuple]) -> bool:
-    """Zero blocks of CPU tensors in one call, ``rows[i]`` (from ``matrix_row``) those of ``tensors[i]``;
-    False (nothing done) when the kernel is unavailable."""
+def zero_blocks_(tensors: list[torch.Tensor], rows: list[tuple], order: str = "cpu") -> bool:
+    """Zero blocks of CPU tensors in one call, ``rows[i]`` (from ``matrix_row``) those of ``tensors[i]``, in one of
+    the ``ORDERS``; False (nothing done) when the kernel is unavailable."""
     kernel = _kernel()
     if kernel is None:
         return False
     if rows:
         table = array.array("q", itertools.chain.from_iterable(rows))
-        kernel(table.buffer_info()[0], len(rows), torch.get_num_threads())
+        kernel(table.buffer_info()[0], len(rows), torch.get_num_threads(), ORDERS.index(order))
         torch.autograd.graph.increment_version(tensors)  # written behind PyTorch's back
     return True
 
@@ -70,7 +72,7 @@ def _kernel():
         logger.warning("Masks on the CPU use PyTorch indexing (slower): the block-zeroing kernel could not "
                        "be built: %s", error)
         return None
-    kernel.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    kernel.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
     kernel.restype = None
     return kernel
 
