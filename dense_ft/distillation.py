@@ -28,8 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from .errors import UserError
 from .modeling import DTYPES, load_model
 from .output_dir import same_directory
-from .sparse_lora import SparseLoraTrainer
-from .sparse_trainer import SparseTrainer
+from .sparse_trainer import SparseLoraTrainer, SparseTrainer
 from .sparsity import sparsity_pattern
 
 LOSSES = ("kl", "kl+ce", "squarehead")

@@ -58,8 +58,8 @@ from dense_ft.masks import DEFAULT_BLOCK_SIZE, BlockMask, SparsityMasks
 from dense_ft.model_card import write_model_card
 from dense_ft.modeling import DTYPES, load_model
 from dense_ft.output_dir import check_not_an_input, locked_output_dir
-from dense_ft.sparse_lora import LLAMA_TARGET_MODULES, SparseLoraTrainer, add_sparse_lora, lora_config
-from dense_ft.sparse_trainer import SparseTrainer, check_sparsity, check_steps_after_backward
+from dense_ft.sparse_lora import LLAMA_TARGET_MODULES, add_sparse_lora, lora_config
+from dense_ft.sparse_trainer import SparseLoraTrainer, SparseTrainer, check_sparsity, check_steps_after_backward
 from dense_ft.sparsity import PATTERN_KEY
 from dense_ft.text import load_corpus, load_text_files, load_wikitext_dir
 
@@ -336,13 +336,12 @@ def build_trainer(model, lora_args: LoraArguments, teacher=None, distillation: D
         kwargs.update(teacher=teacher, distillation=distillation)
     if not lora_args.lora:
         return (SparseTrainer if teacher is None else DistillingSparseTrainer)(model=model, **kwargs)
-    masks = SparsityMasks(model)
     config = lora_config(lora_args.lora_r, lora_args.lora_alpha, lora_args.lora_dropout, lora_args.lora_target_modules)
     try:
         model = add_sparse_lora(model, config)
     except ValueError as error:  # PEFT's word for target modules that match nothing
         raise UserError(f"--lora_target_modules: {str(error).splitlines()[0]}") from None
-    return (SparseLoraTrainer if teacher is None else DistillingSparseLoraTrainer)(model=model, masks=masks, **kwargs)
+    return (SparseLoraTrainer if teacher is None else DistillingSparseLoraTrainer)(model=model, **kwargs)
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,

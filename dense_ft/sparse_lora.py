@@ -22,12 +22,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 from torch.nn import functional as F
-from transformers import Trainer
 
 from .errors import UserError
-from .guarded_trainer import GuardedTrainingMixin
 from .masks import Mask, SparsityMasks
-from .modeling import looks_like_local_path, save_model
+from .modeling import looks_like_local_path
 
 LLAMA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The initializations that leave the base weight as it is: PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA subtract the
@@ -205,20 +203,3 @@ def mask_pruned_weight_copies(peft_model: PeftModel, masks: SparsityMasks) -> No
 def lora_config(rank: int, alpha: float, dropout: float, target_modules: list[str]) -> LoraConfig:
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
                       task_type="CAUSAL_LM")
-
-
-class SparseLoraTrainer(GuardedTrainingMixin, Trainer):
-    """A Trainer for a sparse-LoRA model: the masking is in its adapted layers, so what is added here is
-    ``masks`` (the pruned model's, for the final check) and the merged model at the end."""
-
-    def __init__(self, *args, masks: SparsityMasks, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.masks = masks
-
-    def save_merged_model(self) -> None:
-        """The adapter in ``output_dir/adapter``; the merged model (masked update added) in ``output_dir``."""
-        output_dir = self.args.output_dir
-        self.save_model(os.path.join(output_dir, "adapter"))
-        merged = self.accelerator.unwrap_model(self.model).merge_and_unload()
-        if self.is_world_process_zero():
-            save_model(merged, self.processing_class, output_dir)

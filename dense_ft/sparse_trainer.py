@@ -1,7 +1,8 @@
 """``SparseTrainingMixin``: any ``transformers.Trainer`` in which pruned weights stay exactly zero.
 
 Mixed in before the Trainer class (``class SparseSFTTrainer(SparseTrainingMixin,
-SFTTrainer)``); ``SparseTrainer`` is the mixin on the plain ``Trainer``. The masks are captured
+SFTTrainer)``); ``SparseTrainer`` is the mixin on the plain ``Trainer``, and ``SparseLoraTrainer``
+(``finetune.py --lora``) the same for a sparse-LoRA model, saving the merged model at the end. The masks are captured
 once per model: the one the trainer is given, or each one ``model_init`` builds (``train()``
 and every ``hyperparameter_search`` trial build a fresh one). On every real optimizer step (not
 on gradient-accumulation micro-steps) the gradients of pruned weights are zeroed before
@@ -14,6 +15,8 @@ other adapter on a pruned weight is refused. The run is guarded as well
 (``GuardedTrainingMixin``): divergence stops it, checkpoints are complete or absent.
 """
 
+import os
+
 import torch
 from peft import LoraConfig
 from transformers import Trainer, TrainerCallback
@@ -22,10 +25,11 @@ from transformers.training_args import OptimizerNames, ParallelMode
 from .errors import UserError
 from .guarded_trainer import GuardedTrainingMixin
 from .masks import SparsityMasks
+from .modeling import save_model
 from .sparse_lora import attach_masks, sparse_lora_config
 from .sparsity import check_sparsity
 
-__all__ = ["SparseTrainer", "SparseTrainingMixin", "check_sparsity"]
+__all__ = ["SparseLoraTrainer", "SparseTrainer", "SparseTrainingMixin", "check_sparsity"]
 
 
 def check_steps_after_backward(optim: str) -> None:
@@ -58,7 +62,7 @@ class SparseTrainingMixin(GuardedTrainingMixin):
             raise UserError("DeepSpeed is not supported: its engine steps inside backward, before the masks "
                             "can act; use DDP or FSDP2 (--fsdp)")
         check_steps_after_backward(self.args.optim)
-        if self.args.fp16 and any(p.dtype == torch.float16 for p in self.model.parameters()):
+        if self.args.fp16 and any(p.dtype == torch.float16 and p.requires_grad for p in self.model.parameters()):
             raise UserError("--fp16 needs float32 weights (loss scaling cannot unscale float16 gradients): "
                             "load the model in float32, or train with --bf16")
         if self.model_init is None:  # else call_model_init has captured them
@@ -98,3 +102,19 @@ class SparseTrainingMixin(GuardedTrainingMixin):
 
 class SparseTrainer(SparseTrainingMixin, Trainer):
     """``transformers.Trainer`` with the pruned pattern kept."""
+
+
+class SparseLoraTrainer(SparseTrainer):
+    """``SparseTrainer`` for a sparse-LoRA model that saves the adapter and the merged model at the end.
+
+    The adapters' updates are masked in their layers; what the mixin's masks add is the ``modules_to_save``
+    copies of pruned weights, trained whole, whose pruned blocks they reset after every step.
+    """
+
+    def save_merged_model(self) -> None:
+        """The adapter in ``output_dir/adapter``; the merged model (masked update added) in ``output_dir``."""
+        output_dir = self.args.output_dir
+        self.save_model(os.path.join(output_dir, "adapter"))
+        merged = self.accelerator.unwrap_model(self.model).merge_and_unload()
+        if self.is_world_process_zero():
+            save_model(merged, self.processing_class, output_dir)

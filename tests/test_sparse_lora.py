@@ -18,6 +18,7 @@ from dense_ft import merge_lora, sparse_lora
 from dense_ft.errors import UserError
 from dense_ft.masks import SparsityMasks
 from dense_ft.sparse_lora import LLAMA_TARGET_MODULES, MaskedLoraLinear, add_sparse_lora, load_sparse_lora
+from dense_ft.sparse_trainer import SparseLoraTrainer
 from dense_ft.sparsity import prunable_linears
 
 INPUT = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))
@@ -228,6 +229,21 @@ def test_a_modules_to_save_copy_of_a_pruned_weight_loads_masked_and_merges_spars
     assert masks.violations(merged) == {}
     assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight,  # the copy's kept weights as trained
                            masks.linears["model.layers.0.self_attn.q_proj"].weight)
+
+
+def test_sparse_lora_trainer_masks_a_modules_to_save_copy_every_step_and_saves_a_sparse_merge(tmp_path, tiny_pruned_dir,
+                                                                                               tokenizer):
+    reference = SparsityMasks(AutoModelForCausalLM.from_pretrained(tiny_pruned_dir))
+    adapted = add_sparse_lora(AutoModelForCausalLM.from_pretrained(tiny_pruned_dir),
+                              config(target_modules=["v_proj"], modules_to_save=["o_proj"]))
+    trainer = SparseLoraTrainer(model=adapted, args=training_args(tmp_path / "out"), train_dataset=token_dataset(),
+                                processing_class=tokenizer)
+    trainer.train()
+    trainer.save_merged_model()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert reference.violations(merged) == {}
+    o_proj = "model.layers.0.self_attn.o_proj"
+    assert not torch.equal(merged.get_submodule(o_proj).weight, reference.linears[o_proj].weight), "the copy trained"
 
 
 @pytest.mark.parametrize("case, refusal", [

@@ -3,11 +3,13 @@
 import pytest
 import torch
 from datasets import Dataset
+from peft import LoraConfig
 from tiny_models import tiny_llama, zero_random_blocks
 from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
 
 from dense_ft.errors import UserError
 from dense_ft.masks import SparsityMasks
+from dense_ft.sparse_lora import add_sparse_lora
 from dense_ft.sparse_trainer import SparseTrainer
 from dense_ft.sparsity import prunable_linears
 
@@ -154,6 +156,17 @@ def test_fp16_weights_with_fp16_training_are_refused(tmp_path):
     model, _ = pruned_tiny_model(torch.float16)
     with pytest.raises(UserError, match="--fp16 needs float32 weights"):
         SparseTrainer(model=model, args=training_args(tmp_path, fp16=True), train_dataset=token_dataset())
+
+
+def test_fp16_training_of_float32_adapters_on_frozen_fp16_weights_is_not_refused(tmp_path):
+    model, pruned = pruned_tiny_model(torch.float16)
+    adapted = add_sparse_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    assert {p.dtype for p in adapted.parameters() if p.requires_grad} == {torch.float32}  # PEFT's autocast
+    trainer = SparseTrainer(model=adapted, args=training_args(tmp_path, fp16=True), train_dataset=token_dataset())
+    enable_cpu_loss_scaling(trainer)
+    trainer.train()
+    assert trainer.accelerator.scaler.get_scale() > 2.0**16, "the loss was scaled and the steps unscaled"
+    assert_pruned_weights_zero(adapted.merge_and_unload(), pruned)
 
 
 @pytest.mark.parametrize("optim", ["lomo", "apollo_adamw_layerwise"])
