@@ -1,18 +1,18 @@
 """``SparseTrainingMixin``: any ``transformers.Trainer`` in which pruned weights stay exactly zero.
 
-Mixed in before the Trainer class (``class SparseSFTTrainer(SparseTrainingMixin,
-SFTTrainer)``); ``SparseTrainer`` is the mixin on the plain ``Trainer``, and ``SparseLoraTrainer``
-(``finetune.py --lora``) the same for a sparse-LoRA model, saving the merged model at the end. The masks are captured
-once per model: the one the trainer is given, or each one ``model_init`` builds (``train()``
-and every ``hyperparameter_search`` trial build a fresh one). On every real optimizer step (not
-on gradient-accumulation micro-steps) the gradients of pruned weights are zeroed before
-clipping and the step, so the optimizer's moments for them stay zero, and the weights are
-re-masked right after the step. The mask is never re-derived from ``W == 0`` during training: a
-kept weight that passes through zero stays trainable. LoRA adapters, in the model given or
-added by the trainer from a ``peft_config`` (TRL's trainers), are sparse LoRA
-(``dense_ft.sparse_lora``): their update, and so their merge, never reaches a pruned block; any
-other adapter on a pruned weight is refused. The run is guarded as well
-(``GuardedTrainingMixin``): divergence stops it, checkpoints are complete or absent.
+Mixed in before the Trainer class (``class SparseSFTTrainer(SparseTrainingMixin, SFTTrainer)``);
+``SparseTrainer`` is the mixin on the plain ``Trainer``, and ``SparseLoraTrainer`` (``finetune.py
+--lora``) the same for a sparse-LoRA model, saving the merged model at the end. The masks are
+captured once per model: the one the trainer is given, or each one ``model_init`` builds
+(``train()`` and every ``hyperparameter_search`` trial build a fresh one). On every real optimizer
+step (not on gradient-accumulation micro-steps) the gradients of pruned weights are zeroed before
+clipping and the step, so the optimizer's moments for them stay zero, and the weights are re-masked
+right after the step. The mask is never re-derived from ``W == 0`` during training: a kept weight
+that passes through zero stays trainable. LoRA adapters, in the model given or added by the trainer
+from a ``peft_config`` (TRL's trainers), are sparse LoRA (``dense_ft.sparse_lora``): their update,
+and so their merge, never reaches a pruned block; any other adapter on a pruned weight is refused.
+The run is guarded as well (``GuardedTrainingMixin``): divergence stops it, checkpoints are complete
+or absent.
 """
 
 import os
@@ -108,7 +108,7 @@ class SparseLoraTrainer(SparseTrainer):
     """``SparseTrainer`` for a sparse-LoRA model that saves the adapter and the merged model at the end.
 
     The adapters' updates are masked in their layers; what the mixin's masks add is the ``modules_to_save``
-    copies of pruned weights, trained whole, whose pruned blocks they reset after every step.
+    copies of pruned weights, trained whole: their pruned gradients and weights are zeroed at every step.
     """
 
     def save_merged_model(self) -> None:
