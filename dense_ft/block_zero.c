@@ -9,7 +9,7 @@
  *
  * The order that is fastest depends on the CPU (BENCHMARKS.md, "Which order on which CPU"):
  * block by block on two AMD EPYC VMs, where writing each block row row by row in address
- * order took 1.6-1.9x as long in float32; row by row on an Intel Xeon, where it took a sixth
+ * order took 1.65-2.6x as long in float32; row by row on an Intel Xeon, where it took a sixth
  * off. ORDER_CPU picks by vendor; the others force one, for tests and benchmarks.
  * Built by block_zero.py and called through ctypes.
  */
