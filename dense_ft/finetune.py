@@ -26,6 +26,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import chain
 
+from peft import get_peft_model
 from transformers import (
     HfArgumentParser,
     Trainer,
@@ -58,7 +59,7 @@ from dense_ft.masks import DEFAULT_BLOCK_SIZE, BlockMask, SparsityMasks
 from dense_ft.model_card import write_model_card
 from dense_ft.modeling import DTYPES, load_model
 from dense_ft.output_dir import check_not_an_input, locked_output_dir
-from dense_ft.sparse_lora import LLAMA_TARGET_MODULES, add_sparse_lora, lora_config
+from dense_ft.sparse_lora import LLAMA_TARGET_MODULES, lora_config, sparse_lora_config
 from dense_ft.sparse_trainer import SparseLoraTrainer, SparseTrainer, check_sparsity, check_steps_after_backward
 from dense_ft.sparsity import PATTERN_KEY
 from dense_ft.text import load_corpus, load_text_files, load_wikitext_dir
@@ -337,8 +338,8 @@ def build_trainer(model, lora_args: LoraArguments, teacher=None, distillation: D
     if not lora_args.lora:
         return (SparseTrainer if teacher is None else DistillingSparseTrainer)(model=model, **kwargs)
     config = lora_config(lora_args.lora_r, lora_args.lora_alpha, lora_args.lora_dropout, lora_args.lora_target_modules)
-    try:
-        model = add_sparse_lora(model, config)
+    try:  # sparse-LoRA layers without masks yet: the trainer captures the masks and gives each layer its own
+        model = get_peft_model(model, sparse_lora_config(config))
     except ValueError as error:  # PEFT's word for target modules that match nothing
         raise UserError(f"--lora_target_modules: {str(error).splitlines()[0]}") from None
     return (SparseLoraTrainer if teacher is None else DistillingSparseLoraTrainer)(model=model, **kwargs)
