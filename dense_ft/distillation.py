@@ -17,6 +17,7 @@ instead of kept. Evaluation stays the plain cross-entropy, so perplexities compa
 runs. Each logged step carries the cross-entropy and each distillation term.
 """
 
+import math
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -52,9 +53,10 @@ class DistillationArguments:
         if same_directory(self.teacher_model, student):
             raise UserError(f"--teacher_model {self.teacher_model} is the model being fine-tuned: its KL to itself is "
                             "0; give the dense model it was pruned from")
-        if self.distill_temperature <= 0 or self.distill_weight < 0 or self.distill_chunk_tokens < 1:
-            raise UserError("distillation needs --distill_temperature > 0, --distill_weight >= 0 and "
-                            "--distill_chunk_tokens >= 1")
+        if (not 0 < self.distill_temperature < math.inf or not 0 <= self.distill_weight < math.inf
+                or self.distill_chunk_tokens < 1):
+            raise UserError("distillation needs a finite --distill_temperature > 0, a finite --distill_weight >= 0 "
+                            "and --distill_chunk_tokens >= 1")
 
 
 def load_teacher(args: DistillationArguments, student, student_tokenizer, training_args):

@@ -106,8 +106,8 @@ class LoraArguments:
     def validate(self, training_args: TrainingArguments) -> None:
         if not self.lora:
             return
-        if self.lora_r < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
-            raise UserError("--lora needs --lora_r >= 1, --lora_alpha > 0 and --lora_dropout in [0, 1)")
+        if self.lora_r < 1 or not 0 < self.lora_alpha < math.inf or not 0 <= self.lora_dropout < 1:
+            raise UserError("--lora needs --lora_r >= 1, a finite --lora_alpha > 0 and --lora_dropout in [0, 1)")
         if training_args.fsdp:
             raise UserError("--lora trains with DDP (a full replica per GPU); FSDP2 is not supported with sparse "
                             "LoRA: drop --fsdp")
@@ -126,8 +126,8 @@ class SparseTrainingArguments(TrainingArguments):
                 "(0: stop at the first)."})
 
     def validate(self) -> None:
-        if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
-            raise UserError(f"--learning_rate must be a positive finite number, got {self.learning_rate}")
+        self._check_batches_and_length()
+        self._check_optimizer_settings()
         checkpoint = self.resume_from_checkpoint
         if checkpoint and not os.path.isdir(checkpoint):
             raise UserError(f"--resume_from_checkpoint {checkpoint} not found")
@@ -136,14 +136,37 @@ class SparseTrainingArguments(TrainingArguments):
             raise UserError(f"--resume_from_checkpoint {checkpoint} is an incomplete checkpoint (its save was cut "
                             "short): give an earlier one")
 
+    def _check_batches_and_length(self) -> None:
+        for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, flag) < 1:
+                raise UserError(f"--{flag} must be 1 or more, got {getattr(self, flag)}")
+        if self.max_steps <= 0 and not 0 < self.num_train_epochs < math.inf:
+            raise UserError(f"--num_train_epochs must be a positive finite number (or give --max_steps), got "
+                            f"{self.num_train_epochs}")
+
+    def _check_optimizer_settings(self) -> None:
+        """What the Trainer's optimizers refuse only once training has started (a traceback), or not at all."""
+        if not 0 < self.learning_rate < math.inf:
+            raise UserError(f"--learning_rate must be a positive finite number, got {self.learning_rate}")
+        for flag in ("weight_decay", "adam_epsilon"):
+            if not 0 <= getattr(self, flag) < math.inf:
+                raise UserError(f"--{flag} must be a finite number >= 0, got {getattr(self, flag)}")
+        for flag in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, flag) < 1:
+                raise UserError(f"--{flag} must be in [0, 1), got {getattr(self, flag)}")
+        if self.max_grad_norm is not None and math.isnan(self.max_grad_norm):
+            raise UserError("--max_grad_norm must be a number (0 or less: no clipping), got nan")
+
     def apply_effective_batch_size(self) -> None:
         """Derive the accumulation from the world size, or refuse a world size that cannot reach the batch."""
         if self.effective_batch_size is None:
             return
         if self.gradient_accumulation_steps != 1:
             raise UserError("give --effective_batch_size or --gradient_accumulation_steps, not both")
+        if self.effective_batch_size < 1:
+            raise UserError(f"--effective_batch_size must be 1 or more, got {self.effective_batch_size}")
         per_step = self.per_device_train_batch_size * self.world_size
-        if self.effective_batch_size < 1 or self.effective_batch_size % per_step:
+        if self.effective_batch_size % per_step:
             raise UserError(f"--effective_batch_size {self.effective_batch_size} is not a multiple of per-device "
                             f"batch {self.per_device_train_batch_size} x {self.world_size} process(es)")
         self.gradient_accumulation_steps = self.effective_batch_size // per_step

@@ -41,6 +41,23 @@ def lm_eval_batch_size(value: str) -> int | str:
     return int(value)
 
 
+def available_device(value: str) -> str:
+    """``cpu``, or a device of the accelerator that this PyTorch can use (``cuda``, ``cuda:1``, ...)."""
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a device: {value!r} (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cpu":
+        return value
+    accelerator = torch.accelerator.current_accelerator(check_available=True)
+    if accelerator is None or accelerator.type != device.type:
+        raise argparse.ArgumentTypeError(f"{value}: this PyTorch has no usable {device.type} device")
+    count = torch.accelerator.device_count()
+    if device.index is not None and device.index >= count:
+        raise argparse.ArgumentTypeError(f"{value}: this machine has {count} {device.type} device(s), numbered from 0")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="Hub id or local directory of the model")
@@ -56,7 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval_dataset", default="wikitext2", help="as --calib_dataset; its test split is evaluated")
     parser.add_argument("--seqlen", type=int, help="tokens per window (default: the model's max_position_embeddings)")
     parser.add_argument("--max_eval_windows", type=int, help="evaluate at most this many windows")
-    parser.add_argument("--device", default=default_device(), help="cpu, cuda, cuda:1, ... (default: %(default)s)")
+    parser.add_argument("--device", default=default_device(), type=available_device,
+                        help="cpu, cuda, cuda:1, ... (default: %(default)s)")
     parser.add_argument("--offload", action="store_true",
                         help="keep the weights on the CPU and bring one decoder layer at a time to --device "
                              "(chosen by itself on a GPU that cannot hold the model)")
@@ -78,7 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--eval_zero_shot needs the whole model on one device: drop --offload, or run lm-eval "
                      "on the saved model over several GPUs (--model_args parallelize=True)")
     if args.dtype == "auto":
-        args.dtype = "float32" if args.device == "cpu" else "float16"
+        args.dtype = "float32" if torch.device(args.device).type == "cpu" else "float16"
     return args
 
 

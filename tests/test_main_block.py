@@ -6,6 +6,7 @@ from conftest import file_contents, run_python
 from transformers import AutoModelForCausalLM
 
 from dense_ft.masks import SparsityMasks
+from dense_ft.prune import parse_args
 from dense_ft.sparsity import PATTERN_KEY, check_sparsity
 
 
@@ -18,6 +19,8 @@ from dense_ft.sparsity import PATTERN_KEY, check_sparsity
     (["--eval_dataset", "{empty}"], "lacks wiki.test.raw"),
     (["--seqlen", "100000"], "exceeds the model's"),
     (["--nsamples", "0"], "--nsamples must be positive"),
+    (["--device", "nowhere"], "argument --device: not a device: 'nowhere'"),
+    (["--device", "cuda:99"], "argument --device: cuda:99: this"),  # no usable cuda device, or too few
     (["--model", "{copy}", "--save_model", "{copy}/"], "is the --model directory, which the run would overwrite"),
     (["--model", "{adapter}"], "is a PEFT adapter directory, not a model: merge it into the pruned model"),
 ])
@@ -36,6 +39,11 @@ def test_bad_input_is_one_line_and_non_zero(extra, message, tmp_path, tiny_prune
     assert "Traceback" not in result.stderr
     assert message in result.stderr.strip().splitlines()[-1]
     assert file_contents(tmp_path / "model") == file_contents(tiny_pruned_dir)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cpu:0"])
+def test_the_automatic_dtype_is_float32_on_any_cpu_device(device):
+    assert parse_args(["--model", "any", "--device", device]).dtype == "float32"
 
 
 def test_prune_the_embedded_default_end_to_end(embedded_model_dir, embedded_corpus_dir, embedded_pruned):
