@@ -10,7 +10,8 @@
  * The order that is fastest depends on the CPU (BENCHMARKS.md, "Which order on which CPU"):
  * block by block on two AMD EPYC VMs, where writing each block row row by row in address
  * order took 1.65-2.6x as long in float32; row by row on an Intel Xeon, where it took a sixth
- * off. ORDER_CPU picks by vendor; the others force one, for tests and benchmarks.
+ * off. ORDER_CPU picks by vendor; the others force one, for tests and benchmarks. Likewise
+ * wide_stores = 0 keeps to the 16-byte stores of CPUs without AVX2, so that tests run them anywhere.
  * Built by block_zero.py and called through ctypes.
  */
 #include <pthread.h>
@@ -124,10 +125,10 @@ __attribute__((target("avx2"))) static void rows_avx2(const matrix_t *m, int64_t
 }
 #endif
 
-static zero_range_t choose_zero_range(int order) {
+static zero_range_t choose_zero_range(int order, int wide_stores) {
 #if defined(__x86_64__)
     if (order == ORDER_CPU) order = __builtin_cpu_is("intel") ? ORDER_ROWS : ORDER_BLOCKS;
-    if (__builtin_cpu_supports("avx2")) return order == ORDER_ROWS ? rows_avx2 : blocks_avx2;
+    if (wide_stores && __builtin_cpu_supports("avx2")) return order == ORDER_ROWS ? rows_avx2 : blocks_avx2;
 #endif
     return order == ORDER_ROWS ? rows_sse2 : blocks_sse2;
 }
@@ -148,7 +149,7 @@ static void *zero_share(void *arg) {
     return NULL;
 }
 
-void zero_blocks(const matrix_t *matrices, int64_t num_matrices, int threads, int order) {
+void zero_blocks(const matrix_t *matrices, int64_t num_matrices, int threads, int order, int wide_stores) {
     int64_t total = 0;
     for (int64_t i = 0; i < num_matrices; i++) total += matrices[i].count;
     if (threads > total / MIN_BLOCKS_PER_THREAD) threads = (int)(total / MIN_BLOCKS_PER_THREAD);
@@ -157,7 +158,7 @@ void zero_blocks(const matrix_t *matrices, int64_t num_matrices, int threads, in
     share_t shares[MAX_THREADS];
     pthread_t ids[MAX_THREADS];
     int started[MAX_THREADS] = {0};
-    zero_range_t zero_range = choose_zero_range(order);
+    zero_range_t zero_range = choose_zero_range(order, wide_stores);
     for (int t = 0; t < threads; t++) {
         shares[t] = (share_t){matrices, num_matrices, total * t / threads, total * (t + 1) / threads, zero_range};
     }

@@ -49,15 +49,16 @@ def matrix_row(tensor: torch.Tensor, block_starts: torch.Tensor, block_size: int
     return address, row_bytes, element, block_size, block_starts.data_ptr(), block_starts.numel()
 
 
-def zero_blocks_(tensors: list[torch.Tensor], rows: list[tuple], order: str = "cpu") -> bool:
+def zero_blocks_(tensors: list[torch.Tensor], rows: list[tuple], order: str = "cpu", wide_stores: bool = True) -> bool:
     """Zero blocks of CPU tensors in one call, ``rows[i]`` (from ``matrix_row``) those of ``tensors[i]``, in one of
-    the ``ORDERS``; False (nothing done) when the kernel is unavailable."""
+    the ``ORDERS``, with 32-byte stores where the CPU has them (``wide_stores``; else 16-byte ones); False (nothing
+    done) when the kernel is unavailable."""
     kernel = _kernel()
     if kernel is None:
         return False
     if rows:
         table = array.array("q", itertools.chain.from_iterable(rows))
-        kernel(table.buffer_info()[0], len(rows), torch.get_num_threads(), ORDERS.index(order))
+        kernel(table.buffer_info()[0], len(rows), torch.get_num_threads(), ORDERS.index(order), wide_stores)
         torch.autograd.graph.increment_version(tensors)  # written behind PyTorch's back
     return True
 
@@ -72,7 +73,7 @@ def _kernel():
         logger.warning("Masks on the CPU use PyTorch indexing (slower): the block-zeroing kernel could not "
                        "be built: %s", error)
         return None
-    kernel.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+    kernel.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     kernel.restype = None
     return kernel
 
