@@ -49,8 +49,7 @@ def available_device(value: str) -> str:
         raise argparse.ArgumentTypeError(f"not a device: {value!r} (cpu, cuda, cuda:1, ...)") from None
     if device.type == "cpu":
         return value
-    accelerator = torch.accelerator.current_accelerator(check_available=True)
-    if accelerator is None or accelerator.type != device.type:
+    if not torch.accelerator.is_available() or torch.accelerator.current_accelerator().type != device.type:
         raise argparse.ArgumentTypeError(f"{value}: this PyTorch has no usable {device.type} device")
     count = torch.accelerator.device_count()
     if device.index is not None and device.index >= count:
