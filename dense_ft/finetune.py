@@ -35,6 +35,7 @@ from transformers import (
     default_data_collator,
     set_seed,
 )
+from transformers.integrations import get_reporting_integration_callbacks
 from transformers.trainer import TRAINER_STATE_NAME
 
 from dense_ft.checkpoints import (
@@ -128,6 +129,7 @@ class SparseTrainingArguments(TrainingArguments):
     def validate(self) -> None:
         self._check_batches_and_length()
         self._check_optimizer_settings()
+        self._check_reporting()
         checkpoint = self.resume_from_checkpoint
         if checkpoint and not os.path.isdir(checkpoint):
             raise UserError(f"--resume_from_checkpoint {checkpoint} not found")
@@ -156,6 +158,14 @@ class SparseTrainingArguments(TrainingArguments):
                 raise UserError(f"--{flag} must be in [0, 1), got {getattr(self, flag)}")
         if self.max_grad_norm is not None and math.isnan(self.max_grad_norm):
             raise UserError("--max_grad_norm must be a number (0 or less: no clipping), got nan")
+
+    def _check_reporting(self) -> None:
+        """An unknown --report_to, or one whose package is missing, fails in the Trainer's constructor: a traceback."""
+        try:
+            for callback in get_reporting_integration_callbacks(self.report_to):
+                callback()  # each integration's constructor checks that its package imports
+        except (ValueError, RuntimeError) as error:
+            raise UserError(f"--report_to: {str(error).splitlines()[0]}") from None
 
     def apply_effective_batch_size(self) -> None:
         """Derive the accumulation from the world size, or refuse a world size that cannot reach the batch."""
