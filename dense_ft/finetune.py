@@ -89,9 +89,9 @@ class DataArguments:
     def validate(self) -> None:
         if self.block_size < 1:
             raise UserError(f"--block_size must be a positive number of tokens, got {self.block_size}")
-        for flag in ("max_train_samples", "max_eval_samples"):
-            if getattr(self, flag) is not None and getattr(self, flag) < 1:
-                raise UserError(f"--{flag} must be 1 or more, got {getattr(self, flag)}")
+        for flag, minimum in (("max_train_samples", 1), ("max_eval_samples", 1), ("preprocessing_num_workers", 0)):
+            if getattr(self, flag) is not None and getattr(self, flag) < minimum:
+                raise UserError(f"--{flag} must be {minimum} or more, got {getattr(self, flag)}")
 
 
 @dataclass
@@ -127,7 +127,7 @@ class SparseTrainingArguments(TrainingArguments):
                 "(0: stop at the first)."})
 
     def validate(self) -> None:
-        self._check_batches_and_length()
+        self._check_counts_and_length()
         self._check_optimizer_settings()
         self._check_reporting()
         checkpoint = self.resume_from_checkpoint
@@ -138,10 +138,13 @@ class SparseTrainingArguments(TrainingArguments):
             raise UserError(f"--resume_from_checkpoint {checkpoint} is an incomplete checkpoint (its save was cut "
                             "short): give an earlier one")
 
-    def _check_batches_and_length(self) -> None:
-        for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-            if getattr(self, flag) < 1:
-                raise UserError(f"--{flag} must be 1 or more, got {getattr(self, flag)}")
+    def _check_counts_and_length(self) -> None:
+        for flag, minimum in (("per_device_train_batch_size", 1), ("per_device_eval_batch_size", 1),
+                              ("gradient_accumulation_steps", 1), ("dataloader_num_workers", 0)):
+            if getattr(self, flag) < minimum:
+                raise UserError(f"--{flag} must be {minimum} or more, got {getattr(self, flag)}")
+        if not 0 <= self.seed < 2**32:  # numpy's range: the Trainer seeds it too
+            raise UserError(f"--seed must be in [0, 2**32), got {self.seed}")
         if self.max_steps <= 0 and not 0 < self.num_train_epochs < math.inf:
             raise UserError(f"--num_train_epochs must be a positive finite number (or give --max_steps), got "
                             f"{self.num_train_epochs}")
