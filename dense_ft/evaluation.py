@@ -37,22 +37,27 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, seqlen: int, max_windo
     return math.exp(total_nll / predicted)
 
 
-def zero_shot(model: nn.Module, tokenizer, tasks, include_path: str | None = None, limit: float | None = None,
-              batch_size: int | str = 1) -> dict:
-    """Zero-shot accuracy per task with lm-eval's ``simple_evaluate`` on the in-memory model."""
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
+def zero_shot_task_manager(tasks: list[str], include_path: str | None = None):
+    """lm-eval's ``TaskManager`` (its tasks, and those under ``include_path``), once every one of ``tasks`` is
+    known: cheap enough to check before a model is loaded."""
     from lm_eval.tasks import TaskManager
 
     task_manager = TaskManager(include_path=include_path)
     unknown = [task for task in tasks if not task_manager.match_tasks([task])]
     if unknown:
-        raise UserError(f"unknown lm-eval task: {', '.join(unknown)}")
-    results = simple_evaluate(
-        model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
-        tasks=list(tasks), num_fewshot=0, limit=limit, task_manager=task_manager,
-    )
-    return results
+        raise UserError(f"unknown lm-eval task: {', '.join(map(repr, unknown))}")
+    return task_manager
+
+
+def zero_shot(model: nn.Module, tokenizer, tasks: list[str], task_manager, limit: float | None = None,
+              batch_size: int | str = 1) -> dict:
+    """lm-eval's ``simple_evaluate`` of ``tasks`` (from ``zero_shot_task_manager``), zero-shot, on the in-memory
+    model."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    return simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
+                           tasks=list(tasks), num_fewshot=0, limit=limit, task_manager=task_manager)
 
 
 def accuracies(results: dict) -> dict[str, float]:

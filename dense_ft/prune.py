@@ -24,6 +24,7 @@ from .evaluation import (
     save_lm_eval_results,
     task_metrics,
     zero_shot,
+    zero_shot_task_manager,
 )
 from .model_card import write_model_card
 from .modeling import default_device, load_model, save_model
@@ -91,6 +92,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         value = getattr(args, flag)
         if value is not None and value <= 0:
             parser.error(f"--{flag} must be positive, got {value}")
+    args.tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+    if args.eval_zero_shot and not args.tasks:
+        parser.error("--tasks names no task")
+    if args.include_path and not os.path.isdir(args.include_path):
+        parser.error(f"--include_path {args.include_path} is not a directory")
+    if args.limit is not None and not args.limit > 0:
+        parser.error(f"--limit must be positive (examples per task, or a fraction of them below 1), got {args.limit}")
     if args.offload and args.eval_zero_shot:
         parser.error("--eval_zero_shot needs the whole model on one device: drop --offload, or run lm-eval "
                      "on the saved model over several GPUs (--model_args parallelize=True)")
@@ -134,6 +142,7 @@ def run(args: argparse.Namespace) -> dict:
             check_output_path(path, flag)  # before the work, not after it
     if args.save_model:
         check_not_an_input(args.save_model, "--save_model", {"--model": args.model})
+    task_manager = zero_shot_task_manager(args.tasks, args.include_path) if args.eval_zero_shot else None
     calib = load_corpus(args.calib_dataset, splits=("train",)) if args.sparsity_ratio > 0 else None
     evaluation = load_corpus(args.eval_dataset, splits=("test",))
     model, tokenizer = load_model(args.model, args.dtype)
@@ -162,24 +171,39 @@ def run(args: argparse.Namespace) -> dict:
                                        offload_device=args.device if offload else None)
     print(f"wikitext perplexity {results['perplexity']:.4f}")
 
-    if args.eval_zero_shot:
-        lm_eval_results = zero_shot(model, tokenizer, args.tasks.split(","), args.include_path, args.limit,
-                                    args.eval_batch_size)
-        from lm_eval.utils import make_table
+    save_outputs(args, model, tokenizer, results)
+    if task_manager is not None:
+        add_zero_shot(args, model, tokenizer, task_manager, results)
+    return results
 
-        print(make_table(lm_eval_results))
-        results["zero_shot"] = accuracies(lm_eval_results)
-        results["zero_shot_metrics"] = task_metrics(lm_eval_results)
-        if args.save:
-            os.makedirs(args.save, exist_ok=True)
-            save_lm_eval_results(lm_eval_results, os.path.join(args.save, "lm_eval_results.json"))
 
+def save_outputs(args: argparse.Namespace, model, tokenizer, results: dict) -> None:
     if args.save:  # first: a model save that fails must not lose the figures
         write_results(results, args.save)
         print(f"Results saved to {os.path.join(args.save, 'results.json')}")
     if args.save_model:
         save_pruned_model(args, model, tokenizer, results)
-    return results
+
+
+def add_zero_shot(args: argparse.Namespace, model, tokenizer, task_manager, results: dict) -> None:
+    """Zero-shot accuracy, added to what is saved already: an evaluation that fails loses nothing."""
+    try:
+        lm_eval_results = zero_shot(model, tokenizer, args.tasks, task_manager, args.limit, args.eval_batch_size)
+    except OSError as error:  # a task's data out of reach (no Hub) or unreadable
+        saved = ", ".join(path for path in (args.save, args.save_model) if path)
+        raise UserError(f"zero-shot evaluation failed: {str(error).splitlines()[0]}"
+                        + (f" (saved before it: {saved})" if saved else "")) from error
+    from lm_eval.utils import make_table
+
+    print(make_table(lm_eval_results))
+    results["zero_shot"] = accuracies(lm_eval_results)
+    results["zero_shot_metrics"] = task_metrics(lm_eval_results)
+    if args.save:
+        save_lm_eval_results(lm_eval_results, os.path.join(args.save, "lm_eval_results.json"))
+        write_results(results, args.save)
+        print(f"Zero-shot accuracy added to {os.path.join(args.save, 'results.json')}")
+    if args.save_model:
+        write_pruned_card(args, model, results)
 
 
 def save_pruned_model(args: argparse.Namespace, model, tokenizer, results: dict) -> None:

@@ -1,11 +1,14 @@
 import json
 import math
 
+import pytest
 import torch
 from conftest import run_python
 from tiny_models import tiny_llama
+from transformers import AutoModelForCausalLM
 
 from dense_ft.evaluation import perplexity
+from dense_ft.sparsity import check_sparsity
 
 TINY_TASK = """\
 task: tiny_obvious_choice
@@ -46,12 +49,18 @@ def test_perplexity_is_exp_of_the_mean_token_nll():
                                                                                          progress=False)
 
 
-def test_zero_shot_with_a_local_task(tmp_path, embedded_model_dir, small_corpus_dir):
-    data = tmp_path / "tiny.jsonl"
-    data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in QUESTIONS))
+def tiny_task_dir(tmp_path, data):
+    """A folder of lm-eval task definitions holding ``tiny_obvious_choice``, whose questions are in ``data``."""
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     (tasks / "tiny.yaml").write_text(TINY_TASK.format(data=data))
+    return tasks
+
+
+def test_zero_shot_with_a_local_task(tmp_path, embedded_model_dir, small_corpus_dir):
+    data = tmp_path / "tiny.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in QUESTIONS))
+    tasks = tiny_task_dir(tmp_path, data)
     result = run_python("main_block.py", "--model", embedded_model_dir, "--eval_dataset", small_corpus_dir,
                         "--seqlen", 128, "--max_eval_windows", 1, "--eval_zero_shot", "--tasks",
                         "tiny_obvious_choice", "--include_path", tasks, "--eval_batch_size", "auto",
@@ -65,3 +74,32 @@ def test_zero_shot_with_a_local_task(tmp_path, embedded_model_dir, small_corpus_
     lm_eval = json.loads((tmp_path / "out" / "lm_eval_results.json").read_text())
     assert lm_eval["results"]["tiny_obvious_choice"]["acc_norm,none"] == metrics["acc_norm"]
     assert "samples" not in lm_eval and "tiny_obvious_choice" in lm_eval["configs"]
+
+
+def prune_and_evaluate(model_dir, corpus_dir, tasks, out, *extra):
+    return run_python("main_block.py", "--model", model_dir, "--calib_dataset", corpus_dir, "--eval_dataset",
+                      corpus_dir, "--seqlen", 32, "--nsamples", 2, "--max_eval_windows", 1, "--sparsity_ratio", 0.2,
+                      "--eval_zero_shot", "--include_path", tasks, "--save", out, "--save_model", out / "pruned_model",
+                      *extra)
+
+
+def test_a_failed_zero_shot_evaluation_keeps_the_pruned_model_and_its_results(tmp_path, tiny_pruned_dir,
+                                                                              small_corpus_dir):
+    # A task whose data cannot be read, as a Hub data set offline: the model and figures were saved before it.
+    tasks, out = tiny_task_dir(tmp_path, tmp_path / "missing.jsonl"), tmp_path / "out"
+    result = prune_and_evaluate(tiny_pruned_dir, small_corpus_dir, tasks, out, "--tasks", "tiny_obvious_choice")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: zero-shot evaluation failed: ") and "missing.jsonl" in last_line
+    assert last_line.endswith(f"(saved before it: {out}, {out / 'pruned_model'})")
+    results = json.loads((out / "results.json").read_text())
+    assert "zero_shot" not in results and results["perplexity"] > 1 and results["actual_sparsity"] > 0.2
+    pruned = AutoModelForCausalLM.from_pretrained(out / "pruned_model")
+    assert check_sparsity(pruned) == pytest.approx(results["actual_sparsity"])
+
+
+def test_an_unknown_task_is_refused_before_the_model_loads(tmp_path, tiny_pruned_dir, small_corpus_dir):
+    tasks, out = tiny_task_dir(tmp_path, tmp_path / "missing.jsonl"), tmp_path / "out"
+    result = prune_and_evaluate(tiny_pruned_dir, small_corpus_dir, tasks, out, "--tasks", "tiny_obvious_choice,nope")
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == "error: unknown lm-eval task: 'nope'"
+    assert "sparsity sanity check" not in result.stdout and not out.exists()

@@ -20,6 +20,10 @@ from dense_ft.sparsity import PATTERN_KEY, check_sparsity
     (["--seqlen", "100000"], "exceeds the model's"),
     (["--nsamples", "0"], "--nsamples must be positive"),
     (["--device", "nowhere"], "argument --device: not a device: 'nowhere'"),
+    (["--eval_zero_shot", "--tasks", "no_such_task"], "unknown lm-eval task: 'no_such_task'"),
+    (["--eval_zero_shot", "--tasks", " , "], "--tasks names no task"),
+    (["--eval_zero_shot", "--include_path", "{missing}"], "missing/corpus is not a directory"),
+    (["--eval_zero_shot", "--limit", "0"], "--limit must be positive"),
     (["--device", "cuda:99"], "argument --device: cuda:99: this"),  # no usable cuda device, or too few
     (["--model", "{copy}", "--save_model", "{copy}/"], "is the --model directory, which the run would overwrite"),
     (["--model", "{adapter}"], "is a PEFT adapter directory, not a model: merge it into the pruned model"),
