@@ -64,7 +64,7 @@ def test_zero_shot_with_a_local_task(tmp_path, embedded_model_dir, small_corpus_
     result = run_python("main_block.py", "--model", embedded_model_dir, "--eval_dataset", small_corpus_dir,
                         "--seqlen", 128, "--max_eval_windows", 1, "--eval_zero_shot", "--tasks",
                         "tiny_obvious_choice", "--include_path", tasks, "--eval_batch_size", "auto",
-                        "--save", tmp_path / "out")
+                        "--save", tmp_path / "out", "--save_model", tmp_path / "out" / "model")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "tiny_obvious_choice" in result.stdout and "acc" in result.stdout  # the printed table
     results = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -74,6 +74,9 @@ def test_zero_shot_with_a_local_task(tmp_path, embedded_model_dir, small_corpus_
     lm_eval = json.loads((tmp_path / "out" / "lm_eval_results.json").read_text())
     assert lm_eval["results"]["tiny_obvious_choice"]["acc_norm,none"] == metrics["acc_norm"]
     assert "samples" not in lm_eval and "tiny_obvious_choice" in lm_eval["configs"]
+    # Saved before the evaluation, completed after it.
+    assert "| tiny_obvious_choice accuracy (zero-shot) | 1 |" in (tmp_path / "out" / "model" / "README.md").read_text()
+    assert "tiny_obvious_choice\t1.0000" in (tmp_path / "out" / "log_wanda_block.txt").read_text()
 
 
 def prune_and_evaluate(model_dir, corpus_dir, tasks, out, *extra):
