@@ -252,6 +252,8 @@ check_pruned_model() {
 }
 
 print_banner() {
+    local extra=""  # the line only when there are some: they come last, so they override the settings above
+    (( ${#EXTRA_ARGS[@]} == 0 )) || extra=$'\n'"  Passed on to finetune.py: $(printf '%q ' "${EXTRA_ARGS[@]}")"
     cat <<EOF
 ==========================================
 Dense Fine-tuning Configuration
@@ -274,7 +276,7 @@ Training Parameters:
   Gradient accumulation: $GRAD_ACCUM
   Effective batch size: $EFFECTIVE_BATCH_SIZE
   Block size: $BLOCK_SIZE
-  Max train samples: $MAX_TRAIN_SAMPLES
+  Max train samples: $MAX_TRAIN_SAMPLES${extra% }
 ==========================================
 
 EOF

@@ -201,6 +201,8 @@ def test_extra_arguments_arrive_unchanged_and_settings_come_from_the_environment
     assert result.returncode == 0, result.stderr
     argv = fake.argv("python")
     assert argv[-len(extra):] == extra
+    assert ("  Max train samples: 30000\n  Passed on to finetune.py: --max_steps 5 --run_name a\\ name\\ with\\ spaces "
+            "--weird \\$HOME\\;\\`x\\`\\*\n=====") in result.stdout
     assert flag_value(argv, "--report_to") == "tensorboard"
     assert flag_value(argv, "--per_device_train_batch_size") == "2"
     assert flag_value(argv, "--effective_batch_size") == "16" and "  Gradient accumulation: 8\n" in result.stdout
