@@ -9,7 +9,7 @@ train (``dense_ft.sparse_lora``): their update is masked by the pruned blocks, c
 the adapter (PEFT format), and the output directory gets the merged model (still sparse) with
 the final adapter in ``adapter/``. With ``--teacher_model`` (the dense original) either learns
 from the teacher as well (``dense_ft.distillation``). Every ``transformers.TrainingArguments``
-flag works.
+flag works; ``--push_to_hub`` pushes the output directory once it is whole (``dense_ft.hub``).
 
 A rerun with the same ``--output_dir`` resumes from its newest complete checkpoint, when that
 checkpoint belongs to the same run (``--overwrite_output_dir`` starts over); Ctrl+C or SIGTERM
@@ -55,6 +55,7 @@ from dense_ft.distillation import (
     load_teacher,
 )
 from dense_ft.errors import UserError, exit_on_user_error
+from dense_ft.hub import create_hub_repo, push_output_dir
 from dense_ft.interrupt import StopOnSignal
 from dense_ft.masks import DEFAULT_BLOCK_SIZE, BlockMask, SparsityMasks
 from dense_ft.model_card import write_model_card
@@ -390,6 +391,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
     training_args.apply_effective_batch_size()
     inputs = {"--model_name_or_path": model_args.model_name_or_path, "--teacher_model": distill_args.teacher_model}
     check_not_an_input(training_args.output_dir, "--output_dir", inputs)
+    if training_args.push_to_hub and training_args.process_index == 0:
+        create_hub_repo(training_args)
     with locked_output_dir(training_args.output_dir) if training_args.process_index == 0 else nullcontext():
         return train_and_save(model_args, data_args, lora_args, distill_args, training_args)
 
@@ -438,6 +441,10 @@ def train_and_save(model_args: ModelArguments, data_args: DataArguments, lora_ar
     violations, final_sparsity = save_and_report(trainer, result.metrics)
     if trainer.is_world_process_zero():
         write_finetuned_card(trainer, model_args, data_args, lora_args, distill_args, violations, final_sparsity)
+        if training_args.push_to_hub and violations:
+            print("Not pushed to the Hub: pruned weights are non-zero", flush=True)
+        elif training_args.push_to_hub:
+            print(f"Model pushed to the Hub: {push_output_dir(trainer)}", flush=True)
     return 1 if violations else 0
 
 
@@ -477,7 +484,7 @@ def save_final_model(trainer: SparseTrainer | SparseLoraTrainer) -> None:
         if isinstance(trainer, SparseLoraTrainer):
             trainer.save_merged_model()
         else:
-            trainer.save_model()
+            trainer.save_model(_internal_call=True)  # no push yet: the card and metrics are not written
     except SAVE_ERRORS as error:
         kept, _ = latest_complete_checkpoint(output_dir, move_incomplete=False)
         full = full_disk_error(error, output_dir, f"the final model to {output_dir}",

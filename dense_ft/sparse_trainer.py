@@ -112,9 +112,17 @@ class SparseLoraTrainer(SparseTrainer):
     """
 
     def save_merged_model(self) -> None:
-        """The adapter in ``output_dir/adapter``; the merged model (masked update added) in ``output_dir``."""
+        """The adapter in ``output_dir/adapter``; the merged model (masked update added) in ``output_dir``.
+
+        Nothing is pushed to the Hub here: the output directory is pushed once it is whole.
+        """
         output_dir = self.args.output_dir
-        self.save_model(os.path.join(output_dir, "adapter"))
+        self.save_model(os.path.join(output_dir, "adapter"), _internal_call=True)
         merged = self.accelerator.unwrap_model(self.model).merge_and_unload()
         if self.is_world_process_zero():
             save_model(merged, self.processing_class, output_dir)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """No push at a checkpoint: the Trainer's would copy the checkpoint's adapter to the top of the output
+        directory and of the Hub repository, where ``from_pretrained`` loads it as a plain LoRA on the pruned
+        model, dense on the pruned blocks, instead of the merged model saved there at the end."""

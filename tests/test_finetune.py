@@ -9,15 +9,20 @@ import shutil
 import signal
 import subprocess
 import sys
+from concurrent.futures import Future
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import REPO_ROOT, file_contents, run_python
+from huggingface_hub import HfApi, RepoUrl
+from huggingface_hub.utils import filter_repo_objects
 from tiny_models import tiny_llama
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from dense_ft.check_sparsity import main as check_sparsity_main
 from dense_ft.finetune import main as finetune_main
+from dense_ft.masks import SparsityMasks
 from dense_ft.sparsity import prunable_linears
 from dense_ft.wanda import prune_wanda_blocks
 
@@ -103,6 +108,7 @@ def test_sigint_saves_a_checkpoint_and_the_rerun_resumes(method, tmp_path, tiny_
     ({"--optim": "galore_adamw_layerwise", "--optim_target_modules": "all-linear"},
      "--optim galore_adamw_layerwise steps each weight inside backward, before the masks can act on its gradient"),
     ({"--report_to": "bogus"}, "--report_to: bogus is not supported, only azure_ml,"),
+    ({"--push_to_hub": "true"}, "--push_to_hub: cannot create the Hub repository out: "),  # offline
     pytest.param({"--report_to": "tensorboard"}, "--report_to: TensorBoardCallback requires tensorboard",
                  marks=pytest.mark.skipif(any(map(importlib.util.find_spec, ("tensorboard", "tensorboardX"))),
                                           reason="tensorboard is installed")),
@@ -179,6 +185,70 @@ def test_the_final_evaluation_is_the_last_steps_own_when_the_loop_ran_one_there(
         assert [record["step"] for record in in_loop] == [0]
         assert final["eval_loss"] != last["eval_loss"]  # (runtimes, rounded to 0.1 ms, can be equal)
     assert final["perplexity"] == pytest.approx(math.exp(final["eval_loss"]))
+
+
+class FakeHub:
+    """What the Hub receives: the repositories created and each upload's commit message and files (as the client
+    filters them). The Hub cannot be reached from the tests; the rest of the run is real."""
+
+    def __init__(self, monkeypatch, fail_uploads=False):
+        self.created, self.uploads, self.fail_uploads = [], [], fail_uploads
+        monkeypatch.setattr(HfApi, "create_repo", self.create_repo)
+        monkeypatch.setattr(HfApi, "upload_folder", self.upload_folder)
+
+    def create_repo(self, repo_id, **kwargs):
+        self.created.append(repo_id)
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, *, folder_path, commit_message, ignore_patterns=None, run_as_future=False, **kwargs):
+        if self.fail_uploads:
+            raise ConnectionError("Connection reset by peer")
+        paths = [path.relative_to(folder_path).as_posix() for path in Path(folder_path).rglob("*") if path.is_file()]
+        files = {path: (Path(folder_path) / path).read_bytes()
+                 for path in filter_repo_objects(paths, ignore_patterns=ignore_patterns)}
+        self.uploads.append({"commit_message": commit_message, "files": files})
+        done = Future()
+        done.set_result(None)
+        return done if run_as_future else None
+
+
+@pytest.mark.parametrize("method", [[], ["--lora"]], ids=["full", "lora"])
+def test_push_to_hub_sends_the_finished_output_dir_with_its_card_and_it_loads_sparse(method, tmp_path, tiny_pruned_dir,
+                                                                                   small_corpus_dir, monkeypatch):
+    hub = FakeHub(monkeypatch)
+    output = tmp_path / "run"
+    args = finetune_args(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 4, "--save_steps", 2,
+                         "--push_to_hub", "true", "--hub_model_id", "me/sparse", *method)[1:]
+    with pytest.raises(SystemExit) as exited:
+        finetune_main(list(map(str, args)))
+    assert exited.value.code == 0
+    assert hub.created and set(hub.created) == {"me/sparse"}
+    final = hub.uploads[-1]
+    assert final["commit_message"] == "End of training"
+    assert final["files"] == {path.as_posix(): data for path, data in file_contents(output).items()
+                              if not path.parts[0].startswith("checkpoint-")}
+    assert b"## Sparsity check" in final["files"]["README.md"]
+    # A plain adapter at the top would make from_pretrained load the pruned model plus a dense LoRA update.
+    assert all("adapter_config.json" not in upload["files"] for upload in hub.uploads)
+    pushed = AutoModelForCausalLM.from_pretrained(output)
+    assert SparsityMasks(LlamaForCausalLM.from_pretrained(tiny_pruned_dir)).violations(pushed) == {}
+    # Full fine-tuning pushes at every save, as the Trainer does; a LoRA checkpoint holds only the adapter.
+    assert len(hub.uploads) == (1 if method else 3)
+
+
+def test_a_failed_push_keeps_the_model_and_says_how_to_push_it(tmp_path, tiny_pruned_dir, small_corpus_dir,
+                                                               monkeypatch, capsys):
+    FakeHub(monkeypatch, fail_uploads=True)
+    output = tmp_path / "run"
+    args = finetune_args(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 2, "--save_strategy", "no",
+                         "--push_to_hub", "true", "--hub_model_id", "me/sparse")[1:]
+    with pytest.raises(SystemExit) as exited:
+        finetune_main(list(map(str, args)))
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: the model is saved in {output}, but pushing it to me/sparse failed: Connection reset by peer; "
+        f"push it with: hf upload me/sparse {output} --exclude 'checkpoint-*'")
+    assert (output / "model.safetensors").exists() and (output / "README.md").exists()
 
 
 def test_check_sparsity_reference_catches_a_planted_violation(tmp_path, tiny_pruned_dir):
