@@ -37,6 +37,7 @@ from transformers import (
 )
 from transformers.integrations import get_reporting_integration_callbacks
 from transformers.trainer import TRAINER_STATE_NAME
+from transformers.utils import is_liger_kernel_available
 
 from dense_ft.checkpoints import (
     SAVE_ERRORS,
@@ -130,7 +131,7 @@ class SparseTrainingArguments(TrainingArguments):
     def validate(self) -> None:
         self._check_counts_and_length()
         self._check_optimizer_settings()
-        self._check_reporting()
+        self._check_integrations()
         checkpoint = self.resume_from_checkpoint
         if checkpoint and not os.path.isdir(checkpoint):
             raise UserError(f"--resume_from_checkpoint {checkpoint} not found")
@@ -163,13 +164,16 @@ class SparseTrainingArguments(TrainingArguments):
         if self.max_grad_norm is not None and math.isnan(self.max_grad_norm):
             raise UserError("--max_grad_norm must be a number (0 or less: no clipping), got nan")
 
-    def _check_reporting(self) -> None:
-        """An unknown --report_to, or one whose package is missing, fails in the Trainer's constructor: a traceback."""
+    def _check_integrations(self) -> None:
+        """An unknown --report_to, or an integration whose package is missing, is a traceback from the Trainer once
+        the model is loaded."""
         try:
             for callback in get_reporting_integration_callbacks(self.report_to):
                 callback()  # each integration's constructor checks that its package imports
         except (ValueError, RuntimeError) as error:
             raise UserError(f"--report_to: {str(error).splitlines()[0]}") from None
+        if self.use_liger_kernel and not is_liger_kernel_available():
+            raise UserError("--use_liger_kernel needs liger-kernel >= 0.3.0 (pip install liger-kernel)")
 
     def apply_effective_batch_size(self) -> None:
         """Derive the accumulation from the world size, or refuse a world size that cannot reach the batch."""
@@ -243,7 +247,11 @@ def prepare_datasets(raw, tokenizer, data_args: DataArguments, training_args):
     evaluation = grouped.get("validation")
     if evaluation is not None and data_args.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(len(evaluation), data_args.max_eval_samples)))
-    return train, evaluation if evaluation is not None and len(evaluation) else None
+    if not evaluation and training_args.eval_strategy != "no":
+        raise UserError(f"--eval_strategy {training_args.eval_strategy.value} needs validation text of "
+                        f"{data_args.block_size} tokens or more (--validation_file, or the validation split of "
+                        "--dataset_dir or --dataset_name): give one, or --eval_strategy no")
+    return train, evaluation or None
 
 
 def checkpoint_to_resume(training_args: SparseTrainingArguments) -> str | None:

@@ -109,6 +109,11 @@ def test_sigint_saves_a_checkpoint_and_the_rerun_resumes(method, tmp_path, tiny_
      "--optim galore_adamw_layerwise steps each weight inside backward, before the masks can act on its gradient"),
     ({"--report_to": "bogus"}, "--report_to: bogus is not supported, only azure_ml,"),
     ({"--push_to_hub": "true"}, "--push_to_hub: cannot create the Hub repository out: "),  # offline
+    ({"--dataset_dir": "", "--train_file": "{tmp}/empty_valid/wiki.train.raw", "--eval_strategy": "steps"},
+     "--eval_strategy steps needs validation text of 32 tokens or more (--validation_file, or the validation"),
+    pytest.param({"--use_liger_kernel": "true"}, "--use_liger_kernel needs liger-kernel >= 0.3.0",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is not None,
+                                          reason="liger-kernel is installed")),
     pytest.param({"--report_to": "tensorboard"}, "--report_to: TensorBoardCallback requires tensorboard",
                  marks=pytest.mark.skipif(any(map(importlib.util.find_spec, ("tensorboard", "tensorboardX"))),
                                           reason="tensorboard is installed")),
