@@ -18,10 +18,14 @@ time writes to an output directory. A non-finite loss stops the run with status 
 nothing as final.
 """
 
+import dataclasses
+import json
 import math
 import os
 import signal
 import sys
+import types
+import typing
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import chain
@@ -307,10 +311,46 @@ def parse_args(argv=None):
                                SparseTrainingArguments))
     try:
         if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-            return parser.parse_json_file(os.path.abspath(sys.argv[1]))
+            return parse_json_config(parser, sys.argv[1])
         return parser.parse_args_into_dataclasses(args=argv)
     except ValueError as error:  # unknown flags, values TrainingArguments refuses
         raise UserError(f"{str(error).splitlines()[0]} (see --help)") from None
+
+
+def parse_json_config(parser: HfArgumentParser, path: str):
+    """``finetune.py args.json``, as run_clm.py takes it. The parser takes the values as they are, unconverted:
+    a number given as a string would fail later, in a comparison, as a traceback."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            config = json.load(file)
+    except OSError as error:
+        raise UserError(f"cannot read {path}: {error.strerror}") from None
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} must hold a JSON object of flags and values")
+    for dataclass_type in parser.dataclass_types:
+        for flag in dataclasses.fields(dataclass_type):
+            if flag.name in config:
+                check_json_type(flag, config[flag.name], path)
+    try:
+        return parser.parse_dict(config)
+    except TypeError as error:  # a required flag missing
+        raise UserError(f"{path}: {error}") from None
+
+
+JSON_TYPES = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+
+
+def check_json_type(flag: dataclasses.Field, value, path: str) -> None:
+    """Refuse a value whose JSON type is not the flag's: ``"5e-5"`` for a float, ``1`` for a bool."""
+    is_union = typing.get_origin(flag.type) in (typing.Union, types.UnionType)
+    kinds = [kind for kind in (typing.get_args(flag.type) if is_union else (flag.type,)) if kind is not type(None)]
+    expected = kinds[0] if len(kinds) == 1 else None
+    if expected not in JSON_TYPES or value is None:
+        return
+    if not isinstance(value, JSON_TYPES[expected]) or isinstance(value, bool) and expected is not bool:
+        raise UserError(f"{path}: {flag.name} must be a JSON {expected.__name__}, got {json.dumps(value)}")
 
 
 def print_start(trainer: SparseTrainer | SparseLoraTrainer, resume_from: str | None) -> None:

@@ -155,6 +155,42 @@ def test_bad_input_fails_in_one_line_and_keeps_the_output_dir(change, message, t
     assert file_contents(tmp_path / "model") == file_contents(tiny_pruned_dir)
 
 
+@pytest.mark.parametrize("config, message", [
+    ('{"model_name_or_path": "{model}",', "is not valid JSON: Expecting property name enclosed in double quotes"),
+    ('["--learning_rate", "5e-5"]', "must hold a JSON object of flags and values"),
+    ('{"output_dir": "{out}"}', "missing 1 required positional argument: 'model_name_or_path'"),
+    ('{"model_name_or_path": "{model}", "output_dir": "{out}", "learning_rate": "5e-5"}',
+     'learning_rate must be a JSON float, got "5e-5"'),
+    ('{"model_name_or_path": "{model}", "output_dir": "{out}", "lora": 1}', "lora must be a JSON bool, got 1"),
+    ('{"model_name_or_path": "{model}", "output_dir": "{out}", "max_steps": 2.5}', "max_steps must be a JSON int"),
+    (None, "cannot read {config}: No such file or directory"),
+])
+def test_a_bad_json_config_is_one_line(config, message, tmp_path, tiny_pruned_dir, monkeypatch, capsys):
+    path = tmp_path / "args.json"
+    if config is not None:
+        path.write_text(config.replace("{model}", str(tiny_pruned_dir)).replace("{out}", str(tmp_path / "out")))
+    monkeypatch.setattr(sys, "argv", [FINETUNE, str(path)])
+    with pytest.raises(SystemExit) as exited:
+        finetune_main()
+    assert exited.value.code == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith("error: ") and message.replace("{config}", str(path)) in last_line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_json_config_trains_as_the_same_flags_would(tmp_path, tiny_pruned_dir, small_corpus_dir, monkeypatch):
+    flags = finetune_args(tiny_pruned_dir, small_corpus_dir, tmp_path / "out", "--max_steps", 2)[1:]
+    config = {flag.removeprefix("--"): value if isinstance(value, int | float) else str(value)
+              for flag, value in zip(flags[::2], flags[1::2], strict=True)}
+    config.update(disable_tqdm=True, num_train_epochs=1, lora=True, lora_target_modules=["q_proj", "v_proj"])
+    (tmp_path / "args.json").write_text(json.dumps(config))
+    monkeypatch.setattr(sys, "argv", [FINETUNE, str(tmp_path / "args.json")])
+    with pytest.raises(SystemExit) as exited:
+        finetune_main()
+    assert exited.value.code == 0
+    assert json.loads((tmp_path / "out" / "trainer_state.json").read_text())["global_step"] == 2
+
+
 def test_a_finished_model_is_not_overwritten_without_asking(tmp_path, tiny_pruned_dir, small_corpus_dir, capsys):
     output = tmp_path / "out"
     first = run_python(*finetune_args(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 2,
