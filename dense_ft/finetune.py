@@ -479,21 +479,24 @@ def train_and_save(model_args: ModelArguments, data_args: DataArguments, lora_ar
     # Evaluated inside the training loop: a trainer.evaluate() before train() leaves the model
     # unwrapped by DDP (transformers 5.24), and the ranks would then never synchronize gradients.
     training_args.eval_on_start = eval_dataset is not None and not resume_from
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    if stop_on_signal.requested:
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+        if stop_on_signal.requested:
+            if trainer.is_world_process_zero():
+                checkpoint = os.path.join(training_args.output_dir, f"checkpoint-{trainer.state.global_step}")
+                print(f"Training interrupted at step {trainer.state.global_step}: checkpoint saved to {checkpoint}. "
+                      "Run the same command again to resume.", flush=True)
+            return INTERRUPTED_EXIT_CODE
+        violations, final_sparsity = save_and_report(trainer, result.metrics)
         if trainer.is_world_process_zero():
-            checkpoint = os.path.join(training_args.output_dir, f"checkpoint-{trainer.state.global_step}")
-            print(f"Training interrupted at step {trainer.state.global_step}: checkpoint saved to {checkpoint}. "
-                  "Run the same command again to resume.", flush=True)
-        return INTERRUPTED_EXIT_CODE
-    violations, final_sparsity = save_and_report(trainer, result.metrics)
-    if trainer.is_world_process_zero():
-        write_finetuned_card(trainer, model_args, data_args, lora_args, distill_args, violations, final_sparsity)
-        if training_args.push_to_hub and violations:
-            print("Not pushed to the Hub: pruned weights are non-zero", flush=True)
-        elif training_args.push_to_hub:
-            print(f"Model pushed to the Hub: {push_output_dir(trainer)}", flush=True)
-    return 1 if violations else 0
+            write_finetuned_card(trainer, model_args, data_args, lora_args, distill_args, violations, final_sparsity)
+            if training_args.push_to_hub and violations:
+                print("Not pushed to the Hub: pruned weights are non-zero", flush=True)
+            elif training_args.push_to_hub:
+                print(f"Model pushed to the Hub: {push_output_dir(trainer)}", flush=True)
+        return 1 if violations else 0
+    finally:  # the process group destroyed before exit: without it a rank may abort there ("terminate called")
+        trainer.end()
 
 
 def write_finetuned_card(trainer, model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
