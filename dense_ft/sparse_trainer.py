@@ -117,10 +117,18 @@ class SparseLoraTrainer(SparseTrainer):
         Nothing is pushed to the Hub here: the output directory is pushed once it is whole.
         """
         output_dir = self.args.output_dir
-        self.save_model(os.path.join(output_dir, "adapter"), _internal_call=True)
+        self.save_model(_internal_call=True)
         merged = self.accelerator.unwrap_model(self.model).merge_and_unload()
         if self.is_world_process_zero():
             save_model(merged, self.processing_class, output_dir)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """A save to the output directory (``save_model()``, ``push_to_hub()``) puts the adapter in its ``adapter/``.
+        At the top, ``from_pretrained`` would load a bare adapter as a plain LoRA on the pruned model, dense on the
+        pruned blocks, and would take it there over the merged model."""
+        if output_dir is None or os.path.abspath(output_dir) == os.path.abspath(self.args.output_dir):
+            output_dir = os.path.join(self.args.output_dir, "adapter")
+        super().save_model(output_dir, _internal_call)
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """No push at a checkpoint: the Trainer's would copy the checkpoint's adapter to the top of the output

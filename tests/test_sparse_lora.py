@@ -240,6 +240,8 @@ def test_sparse_lora_trainer_masks_a_modules_to_save_copy_every_step_and_saves_a
                                 processing_class=tokenizer)
     trainer.train()
     trainer.save_merged_model()
+    trainer.save_model()  # as the Trainer's push_to_hub() does: the adapter must not land beside the merged model
+    assert not (tmp_path / "out" / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert reference.violations(merged) == {}
     o_proj = "model.layers.0.self_attn.o_proj"
