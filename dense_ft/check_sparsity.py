@@ -18,7 +18,7 @@ import sys
 
 from safetensors import safe_open
 
-from dense_ft.errors import UserError, exit_on_user_error
+from dense_ft.errors import UserError, exit_on_user_error, first_line
 from dense_ft.masks import ElementMask, blocks_lost, capture_mask, is_unstructured_pruning, prunes_exact_counts
 from dense_ft.modeling import check_model_source
 from dense_ft.sparsity import PATTERN_KEY, validate_pattern
@@ -75,7 +75,7 @@ def _read(file: str, what):
         with safe_open(file, "pt") as f:
             return what(f)
     except Exception as error:
-        raise UserError(f"cannot read {file}: {str(error).splitlines()[0]}") from error
+        raise UserError(f"cannot read {file}: {first_line(error)}") from error
 
 
 def _download(repo_id: str) -> str:
@@ -84,7 +84,7 @@ def _download(repo_id: str) -> str:
     try:
         return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"])
     except Exception as error:  # the Hub's errors are many; all mean the same here
-        raise UserError(f"cannot load model {repo_id!r}: {str(error).splitlines()[0]}") from error
+        raise UserError(f"cannot load model {repo_id!r}: {first_line(error)}") from error
 
 
 def _layer(weight_name: str) -> str:

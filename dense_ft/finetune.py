@@ -59,7 +59,7 @@ from dense_ft.distillation import (
     DistillingSparseTrainer,
     load_teacher,
 )
-from dense_ft.errors import UserError, exit_on_user_error
+from dense_ft.errors import UserError, exit_on_user_error, first_line
 from dense_ft.hub import create_hub_repo, push_output_dir
 from dense_ft.interrupt import StopOnSignal
 from dense_ft.masks import DEFAULT_BLOCK_SIZE, BlockMask, SparsityMasks
@@ -175,7 +175,7 @@ class SparseTrainingArguments(TrainingArguments):
             for callback in get_reporting_integration_callbacks(self.report_to):
                 callback()  # each integration's constructor checks that its package imports
         except (ValueError, RuntimeError) as error:
-            raise UserError(f"--report_to: {str(error).splitlines()[0]}") from None
+            raise UserError(f"--report_to: {first_line(error)}") from None
         if self.use_liger_kernel and not is_liger_kernel_available():
             raise UserError("--use_liger_kernel needs liger-kernel >= 0.3.0 (pip install liger-kernel)")
 
@@ -314,7 +314,7 @@ def parse_args(argv=None):
             return parse_json_config(parser, sys.argv[1])
         return parser.parse_args_into_dataclasses(args=argv)
     except ValueError as error:  # unknown flags, values TrainingArguments refuses
-        raise UserError(f"{str(error).splitlines()[0]} (see --help)") from None
+        raise UserError(f"{first_line(error)} (see --help)") from None
 
 
 def parse_json_config(parser: HfArgumentParser, path: str):
@@ -426,7 +426,7 @@ def build_trainer(model, lora_args: LoraArguments, teacher=None, distillation: D
     try:  # sparse-LoRA layers without masks yet: the trainer captures the masks and gives each layer its own
         model = get_peft_model(model, sparse_lora_config(config))
     except ValueError as error:  # PEFT's word for target modules that match nothing
-        raise UserError(f"--lora_target_modules: {str(error).splitlines()[0]}") from None
+        raise UserError(f"--lora_target_modules: {first_line(error)}") from None
     return (SparseLoraTrainer if teacher is None else DistillingSparseLoraTrainer)(model=model, **kwargs)
 
 

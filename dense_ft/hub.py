@@ -12,24 +12,15 @@ from huggingface_hub import HfApi
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .checkpoints import INCOMPLETE_PREFIX
-from .errors import UserError
-
-
-def hub_repo_name(args) -> str:
-    """The Trainer's name for the repository: ``--hub_model_id``, else the output directory's name."""
-    return args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+from .errors import UserError, first_line
 
 
 def create_hub_repo(args) -> None:
-    name = hub_repo_name(args)
+    name = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))  # the Trainer's default name
     try:
         HfApi().create_repo(name, token=args.hub_token, private=args.hub_private_repo, exist_ok=True)
     except Exception as error:  # each cause has its own class (network, HTTP status, name validation)
-        raise UserError(f"--push_to_hub: cannot create the Hub repository {name}: {_first_line(error)}") from None
+        raise UserError(f"--push_to_hub: cannot create the Hub repository {name}: {first_line(error)}") from None
 
 
 def push_output_dir(trainer) -> str:
@@ -42,5 +33,5 @@ def push_output_dir(trainer) -> str:
     except Exception as error:
         command = f"hf upload {repo_id} {args.output_dir} --exclude '{PREFIX_CHECKPOINT_DIR}-*'"
         raise UserError(f"the model is saved in {args.output_dir}, but pushing it to {repo_id} failed: "
-                        f"{_first_line(error)}; push it with: {command}") from None
+                        f"{first_line(error)}; push it with: {command}") from None
     return repo_id

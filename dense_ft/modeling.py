@@ -6,7 +6,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -31,10 +31,10 @@ def _from_pretrained(auto_class, name: str, **kwargs):
     try:
         return auto_class.from_pretrained(name, **kwargs)
     except OSError as error:
-        raise UserError(f"cannot load model {name!r}: {str(error).splitlines()[0]}") from error
+        raise UserError(f"cannot load model {name!r}: {first_line(error)}") from error
     except SafetensorError as error:
         raise UserError(f"cannot load model {name!r}: a weights file is truncated or corrupted "
-                        f"({str(error).splitlines()[0]})") from error
+                        f"({first_line(error)})") from error
 
 
 def load_weights(name: str, dtype: str = "float32"):

@@ -16,7 +16,7 @@ import time
 import torch
 
 from .checkpoints import SAVE_ERRORS
-from .errors import UserError, exit_on_user_error
+from .errors import UserError, exit_on_user_error, first_line
 from .evaluation import (
     ZERO_SHOT_TASKS,
     accuracies,
@@ -191,7 +191,7 @@ def add_zero_shot(args: argparse.Namespace, model, tokenizer, task_manager, resu
         lm_eval_results = zero_shot(model, tokenizer, args.tasks, task_manager, args.limit, args.eval_batch_size)
     except OSError as error:  # a task's data out of reach (no Hub) or unreadable
         saved = ", ".join(path for path in (args.save, args.save_model) if path)
-        raise UserError(f"zero-shot evaluation failed: {str(error).splitlines()[0]}"
+        raise UserError(f"zero-shot evaluation failed: {first_line(error)}"
                         + (f" (saved before it: {saved})" if saved else "")) from error
     from lm_eval.utils import make_table
 
@@ -210,7 +210,7 @@ def save_pruned_model(args: argparse.Namespace, model, tokenizer, results: dict)
     try:
         save_model(model, tokenizer, args.save_model)
     except SAVE_ERRORS as error:
-        raise UserError(f"cannot save the model to {args.save_model}: {str(error).splitlines()[0]}"
+        raise UserError(f"cannot save the model to {args.save_model}: {first_line(error)}"
                         + (f" (the results are saved in {args.save})" if args.save else "")) from error
     write_pruned_card(args, model, results)
     print(f"Pruned model saved to {args.save_model}" if args.sparsity_ratio > 0 else

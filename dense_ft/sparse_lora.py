@@ -23,7 +23,7 @@ from peft.utils import ModulesToSaveWrapper
 from torch import nn
 from torch.nn import functional as F
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .masks import Mask, SparsityMasks
 from .modeling import looks_like_local_path
 
@@ -166,7 +166,7 @@ def load_lora_as_saved(model: nn.Module, adapter: str, masks: SparsityMasks, is_
     try:
         config = LoraConfig.from_pretrained(adapter)
     except Exception as error:  # a missing Hub id, a malformed config: one line either way
-        raise UserError(f"cannot load adapter {adapter!r}: {str(error).splitlines()[0]}") from error
+        raise UserError(f"cannot load adapter {adapter!r}: {first_line(error)}") from error
     if not isinstance(config, LoraConfig) or config.peft_type != "LORA":
         raise UserError(f"{adapter} is a {config.peft_type} adapter, not LoRA")
     peft_model = PeftModel.from_pretrained(model, adapter, config=sparse_lora_config(config),

@@ -109,6 +109,10 @@ class SparseLoraTrainer(SparseTrainer):
 
     The adapters' updates are masked in their layers; what the mixin's masks add is the ``modules_to_save``
     copies of pruned weights, trained whole: their pruned gradients and weights are zeroed at every step.
+
+    No bare adapter is ever written to the top of the output directory (or pushed to the top of its Hub
+    repository): there ``from_pretrained`` would load it, over the merged model, as a plain LoRA on the pruned
+    model, dense on the pruned blocks.
     """
 
     def save_merged_model(self) -> None:
@@ -123,14 +127,11 @@ class SparseLoraTrainer(SparseTrainer):
             save_model(merged, self.processing_class, output_dir)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """A save to the output directory (``save_model()``, ``push_to_hub()``) puts the adapter in its ``adapter/``.
-        At the top, ``from_pretrained`` would load a bare adapter as a plain LoRA on the pruned model, dense on the
-        pruned blocks, and would take it there over the merged model."""
+        """A save to the output directory (``save_model()``, ``push_to_hub()``) puts the adapter in its ``adapter/``."""
         if output_dir is None or os.path.abspath(output_dir) == os.path.abspath(self.args.output_dir):
             output_dir = os.path.join(self.args.output_dir, "adapter")
         super().save_model(output_dir, _internal_call)
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        """No push at a checkpoint: the Trainer's would copy the checkpoint's adapter to the top of the output
-        directory and of the Hub repository, where ``from_pretrained`` loads it as a plain LoRA on the pruned
-        model, dense on the pruned blocks, instead of the merged model saved there at the end."""
+        """No push at a checkpoint: the Trainer's copies the checkpoint's adapter to the top of the output directory
+        and uploads it; the merged model is pushed at the end."""

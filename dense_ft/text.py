@@ -10,7 +10,7 @@ import os
 from datasets import DatasetDict, load_dataset
 from datasets.exceptions import DatasetGenerationError
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .modeling import looks_like_local_path
 
 WIKITEXT2 = ("wikitext", "wikitext-2-raw-v1")
@@ -72,7 +72,7 @@ def load_corpus(source: str, config_name: str | None = None, splits=tuple(WIKITE
         corpus = load_dataset(source, config_name)
     except Exception as error:  # the Hub's errors are many; all mean the same to the user
         raise UserError(f"cannot load data set {source!r} ({config_name}): {type(error).__name__}: "
-                        f"{str(error).splitlines()[0] if str(error) else ''}") from error
+                        f"{first_line(error)}") from error
     absent = [split for split in splits if split not in corpus]
     if absent:
         raise UserError(f"data set {source!r} has no split {', '.join(absent)}")

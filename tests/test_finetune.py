@@ -232,8 +232,8 @@ class FakeHub:
     """What the Hub receives: the repositories created and each upload's commit message and files (as the client
     filters them). The Hub cannot be reached from the tests; the rest of the run is real."""
 
-    def __init__(self, monkeypatch, fail_uploads=False):
-        self.created, self.uploads, self.fail_uploads = [], [], fail_uploads
+    def __init__(self, monkeypatch, upload_error=None):
+        self.created, self.uploads, self.upload_error = [], [], upload_error
         monkeypatch.setattr(HfApi, "create_repo", self.create_repo)
         monkeypatch.setattr(HfApi, "upload_folder", self.upload_folder)
 
@@ -242,8 +242,8 @@ class FakeHub:
         return RepoUrl(f"https://huggingface.co/{repo_id}")
 
     def upload_folder(self, *, folder_path, commit_message, ignore_patterns=None, run_as_future=False, **kwargs):
-        if self.fail_uploads:
-            raise ConnectionError("Connection reset by peer")
+        if self.upload_error:
+            raise self.upload_error
         paths = [path.relative_to(folder_path).as_posix() for path in Path(folder_path).rglob("*") if path.is_file()]
         files = {path: (Path(folder_path) / path).read_bytes()
                  for path in filter_repo_objects(paths, ignore_patterns=ignore_patterns)}
@@ -277,9 +277,12 @@ def test_push_to_hub_sends_the_finished_output_dir_with_its_card_and_it_loads_sp
     assert len(hub.uploads) == (1 if method else 3)
 
 
-def test_a_failed_push_keeps_the_model_and_says_how_to_push_it(tmp_path, tiny_pruned_dir, small_corpus_dir,
-                                                               monkeypatch, capsys):
-    FakeHub(monkeypatch, fail_uploads=True)
+@pytest.mark.parametrize("error, reported", [(ConnectionError("\nConnection reset by peer\nretried 5 times"),
+                                               "Connection reset by peer"),
+                                              (ConnectionError(), "ConnectionError")])
+def test_a_failed_push_keeps_the_model_and_says_how_to_push_it(error, reported, tmp_path, tiny_pruned_dir,
+                                                               small_corpus_dir, monkeypatch, capsys):
+    FakeHub(monkeypatch, upload_error=error)
     output = tmp_path / "run"
     args = finetune_args(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 2, "--save_strategy", "no",
                          "--push_to_hub", "true", "--hub_model_id", "me/sparse")[1:]
@@ -287,7 +290,7 @@ def test_a_failed_push_keeps_the_model_and_says_how_to_push_it(tmp_path, tiny_pr
         finetune_main(list(map(str, args)))
     assert exited.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"error: the model is saved in {output}, but pushing it to me/sparse failed: Connection reset by peer; "
+        f"error: the model is saved in {output}, but pushing it to me/sparse failed: {reported}; "
         f"push it with: hf upload me/sparse {output} --exclude 'checkpoint-*'")
     assert (output / "model.safetensors").exists() and (output / "README.md").exists()
 
