@@ -11,6 +11,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import UserError
+
+# What running one decoder layer at a time reaches into: the layout of Llama and its kin (Mistral, Qwen, Gemma, Phi-3).
+DECODER_PARTS = ("layers", "embed_tokens", "rotary_emb", "norm")
+
+
+def check_decoder_layout(model: nn.Module) -> None:
+    """Refuse, in one line, a model whose decoder is not ``model.model.{layers, embed_tokens, rotary_emb, norm}``."""
+    decoder = getattr(model, "model", None)
+    missing = [part for part in DECODER_PARTS if not isinstance(getattr(decoder, part, None), nn.Module)]
+    if missing or not isinstance(getattr(model, "lm_head", None), nn.Module):
+        parts = ", ".join(DECODER_PARTS)
+        raise UserError(f"{type(model).__name__} is not a Llama-style decoder (model.model.{{{parts}}} and lm_head), "
+                        "which pruning and layer offload run one layer at a time")
+
 
 @contextmanager
 def on_device(modules: list[nn.Module], device, offload: bool):

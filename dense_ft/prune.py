@@ -26,12 +26,13 @@ from .evaluation import (
     zero_shot,
     zero_shot_task_manager,
 )
+from .layerwise import check_decoder_layout
 from .model_card import write_model_card
 from .modeling import default_device, load_model, save_model
 from .output_dir import check_not_an_input, check_output_path
 from .sparsity import check_sparsity
 from .text import joined_text, load_corpus
-from .wanda import calibration_windows, check_block_shapes, prune_wanda_blocks
+from .wanda import calibration_windows, check_prunable, prune_wanda_blocks
 
 
 def lm_eval_batch_size(value: str) -> int | str:
@@ -129,6 +130,7 @@ def place_model(model, args: argparse.Namespace, seqlen: int) -> bool:
         raise UserError(f"the model does not fit on {args.device}, and --eval_zero_shot needs it whole on one device: "
                         "run lm-eval on the saved model over several GPUs (--model_args parallelize=True)")
     if offload:
+        check_decoder_layout(model)
         print(f"Layer offload: the weights stay on the CPU; each decoder layer comes to {args.device} in turn "
               f"(calibration activations: {activation_bytes / 2**30:.2f} GiB on {args.device})")
     else:
@@ -155,7 +157,7 @@ def run(args: argparse.Namespace) -> dict:
     results = {"model": args.model, "sparsity_ratio": args.sparsity_ratio, "block_size": args.block_size,
                "eval_dataset": args.eval_dataset, "seqlen": seqlen}
     if args.sparsity_ratio > 0:
-        check_block_shapes(model, args.block_size)
+        check_prunable(model, args.block_size)
         started = time.perf_counter()
         windows = calibration_windows(token_ids(tokenizer, " ".join(calib["train"]["text"])),
                                       args.nsamples, seqlen, args.seed)

@@ -29,6 +29,13 @@ def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
     }
 
 
+def matrices_outside_linears(model: nn.Module) -> dict[str, torch.Size]:
+    """The decoder layers' weight matrices that no ``nn.Linear`` holds (fused MoE experts, routers), by name."""
+    linear_weights = {id(linear.weight) for linear in prunable_linears(model).values()}
+    return {name: param.shape for name, param in model.named_parameters()
+            if param.ndim >= 2 and _DECODER_LINEAR.search(name) and id(param) not in linear_weights}
+
+
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The part of ``tensor`` this process holds (the local shard of a DTensor)."""
     return tensor.to_local() if is_sharded(tensor) else tensor

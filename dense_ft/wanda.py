@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .layerwise import run_layer, run_layer_by_layer
+from .layerwise import check_decoder_layout, run_layer, run_layer_by_layer
 from .masks import BlockMask
-from .sparsity import PATTERN_KEY, block_pattern, prunable_linears, pruned_block_count
+from .sparsity import PATTERN_KEY, block_pattern, matrices_outside_linears, prunable_linears, pruned_block_count
 
 
 class InputNormStats:
@@ -57,7 +57,16 @@ def lowest_blocks(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     return pruned.view(scores.shape)
 
 
-def check_block_shapes(model: nn.Module, block_size: int) -> None:
+def check_prunable(model: nn.Module, block_size: int) -> None:
+    """Refuse, in one line, a model that block pruning cannot cover: another layout, weights outside ``nn.Linear``,
+    or a weight that is not a whole number of blocks."""
+    check_decoder_layout(model)
+    outside = matrices_outside_linears(model)
+    if outside:
+        name, shape = max(outside.items(), key=lambda item: item[1].numel())
+        raise UserError(f"{name} {tuple(shape)} and {len(outside) - 1} more weight(s) are not in nn.Linear layers "
+                        "(fused MoE experts?): Wanda block pruning covers the decoder's nn.Linear weights only, "
+                        "and would leave these dense")
     for name, linear in prunable_linears(model).items():
         rows, cols = linear.weight.shape
         if rows % block_size or cols % block_size:
@@ -95,7 +104,7 @@ def prune_wanda_blocks(model: nn.Module, windows: torch.Tensor, ratio: float, bl
     With ``offload`` the model stays on the CPU and each decoder layer comes to ``device`` in turn.
     ``calibration`` (the data set, the seed) is recorded with the windows' count and length.
     """
-    check_block_shapes(model, block_size)
+    check_prunable(model, block_size)
     run_layer_by_layer(model, windows, device, offload, desc="Pruning layers", progress=progress,
                        before_layer=lambda layer, hidden, kwargs: _calibrate_and_prune(layer, hidden, kwargs,
                                                                                        ratio, block_size))

@@ -1,9 +1,23 @@
 import math
+import re
 
+import pytest
 import torch
 from tiny_models import BLOCK, tiny_llama
 from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    GemmaConfig,
+    GPT2Config,
+    MistralConfig,
+    MixtralConfig,
+    Olmo2Config,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+)
 
+from dense_ft.errors import UserError
 from dense_ft.sparsity import PATTERN_KEY, prunable_linears
 from dense_ft.wanda import InputNormStats, block_scores, lowest_blocks, prune_wanda_blocks
 
@@ -99,3 +113,35 @@ def test_each_layer_is_calibrated_on_the_pruned_outputs_of_the_layers_before():
 def test_calibration_hooks_see_only_linear_inputs():
     assert all(isinstance(m, nn.Linear) for m in prunable_linears(tiny_llama()).values())
     assert not any("lm_head" in name or "embed" in name for name in prunable_linears(tiny_llama()))
+
+
+TINY_SHAPE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+
+
+LLAMA_KIN = [MistralConfig, Qwen2Config, Qwen3Config, GemmaConfig, Phi3Config, Olmo2Config]
+
+
+@pytest.mark.parametrize("config_class", LLAMA_KIN)
+def test_llama_kin_are_pruned_in_every_linear(config_class):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config_class(**TINY_SHAPE)).eval()
+    prune_wanda_blocks(model, torch.randint(0, 256, (2, 32)), 0.2, BLOCK, "cpu", progress=False)
+    for linear in prunable_linears(model).values():
+        rows, cols = linear.weight.shape
+        grid = linear.weight.detach().view(rows // BLOCK, BLOCK, cols // BLOCK, BLOCK).eq(0).all(3).all(1)
+        assert int(grid.sum()) == math.floor(0.2 * grid.numel())
+
+
+@pytest.mark.parametrize("config, message", [
+    (GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=1),
+     "GPT2LMHeadModel is not a Llama-style decoder"),
+    (MixtralConfig(**TINY_SHAPE, num_local_experts=4),
+     "model.layers.0.mlp.experts.gate_up_proj (4, 256, 64) and 5 more weight(s) are not in nn.Linear layers"),
+])
+def test_models_block_pruning_cannot_cover_are_refused_untouched(config, message):
+    model = AutoModelForCausalLM.from_config(config).eval()
+    before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    with pytest.raises(UserError, match=re.escape(message)):
+        prune_wanda_blocks(model, torch.randint(0, 256, (2, 32)), 0.2, BLOCK, "cpu", progress=False)
+    assert all(torch.equal(param, before[name]) for name, param in model.named_parameters())
