@@ -108,7 +108,7 @@ class LoraArguments:
     lora_dropout: float = field(default=0.0, metadata={
         "help": "Dropout on the adapters' input (above 0 the update needs its own matmul: slower)."})
     lora_target_modules: list[str] = field(default_factory=lambda: list(LLAMA_TARGET_MODULES),
-                                           metadata={"help": "Module names that get adapters."})
+                                           metadata={"help": "Module names that get adapters, or all-linear."})
 
     def validate(self, training_args: TrainingArguments) -> None:
         if not self.lora:

@@ -201,5 +201,6 @@ def mask_pruned_weight_copies(peft_model: PeftModel, masks: SparsityMasks) -> No
 
 
 def lora_config(rank: int, alpha: float, dropout: float, target_modules: list[str]) -> LoraConfig:
-    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
-                      task_type="CAUSAL_LM")
+    """A ``LoraConfig`` for these module names, or for PEFT's ``all-linear`` (every linear layer but the output)."""
+    targets = "all-linear" if list(target_modules) == ["all-linear"] else list(target_modules)
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")

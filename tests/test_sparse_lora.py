@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, Trainer
 from dense_ft import merge_lora, sparse_lora
 from dense_ft.errors import UserError
 from dense_ft.masks import SparsityMasks
-from dense_ft.sparse_lora import LLAMA_TARGET_MODULES, MaskedLoraLinear, add_sparse_lora, load_sparse_lora
+from dense_ft.sparse_lora import LLAMA_TARGET_MODULES, MaskedLoraLinear, add_sparse_lora, load_sparse_lora, lora_config
 from dense_ft.sparse_trainer import SparseLoraTrainer
 from dense_ft.sparsity import prunable_linears
 
@@ -110,6 +110,12 @@ def test_a_saved_adapter_reloads_masked(tmp_path):
     assert sum(isinstance(m, MaskedLoraLinear) and m.pruned is not None for m in reloaded.modules()) == 14
     with torch.no_grad():
         assert torch.allclose(reloaded(input_ids=INPUT).logits, expected, atol=1e-6)
+
+
+def test_all_linear_adapts_every_pruned_weight_as_peft_and_trl_take_it():
+    model = add_sparse_lora(pruned_model()[0], lora_config(4, 8, 0.0, ["all-linear"]))
+    adapted = [module for module in model.modules() if isinstance(module, MaskedLoraLinear)]
+    assert len(adapted) == 14 and all(module.pruned is not None for module in adapted)  # lm_head left out
 
 
 def test_adapter_layers_are_not_prunable_weights():
