@@ -30,6 +30,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import chain
 
+from datasets import DatasetDict
 from peft import get_peft_model
 from transformers import (
     HfArgumentParser,
@@ -69,7 +70,7 @@ from dense_ft.output_dir import check_not_an_input, locked_output_dir
 from dense_ft.sparse_lora import LLAMA_TARGET_MODULES, lora_config, sparse_lora_config
 from dense_ft.sparse_trainer import SparseLoraTrainer, SparseTrainer, check_sparsity, check_steps_after_backward
 from dense_ft.sparsity import PATTERN_KEY
-from dense_ft.text import load_corpus, load_text_files, load_wikitext_dir
+from dense_ft.text import hold_out_validation, load_corpus, load_text_files, load_wikitext_dir
 
 INTERRUPTED_EXIT_CODE = 130
 
@@ -85,8 +86,12 @@ class DataArguments:
     dataset_name: str | None = field(default=None, metadata={"help": "Hub data set, e.g. wikitext."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "e.g. wikitext-2-raw-v1."})
     dataset_dir: str | None = field(default=None, metadata={"help": "Local dir with wiki.{train,valid}.raw."})
-    train_file: str | None = field(default=None, metadata={"help": "Plain-text training file."})
-    validation_file: str | None = field(default=None, metadata={"help": "Plain-text validation file."})
+    train_file: str | None = field(default=None, metadata={
+        "help": "Training file: plain text, or CSV or JSON (lines) with a text column."})
+    validation_file: str | None = field(default=None, metadata={"help": "Validation file, of the same kind."})
+    validation_split_percentage: int = field(default=5, metadata={
+        "help": "Data without a validation split (--dataset_name, --train_file alone): the first this percent of "
+                "the training rows is held out for validation (0: none)."})
     block_size: int = field(default=1024, metadata={"help": "Tokens per training sequence."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Cap on training sequences."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on evaluation sequences."})
@@ -98,6 +103,9 @@ class DataArguments:
         for flag, minimum in (("max_train_samples", 1), ("max_eval_samples", 1), ("preprocessing_num_workers", 0)):
             if getattr(self, flag) is not None and getattr(self, flag) < minimum:
                 raise UserError(f"--{flag} must be {minimum} or more, got {getattr(self, flag)}")
+        if not 0 <= self.validation_split_percentage < 100:
+            raise UserError("--validation_split_percentage must be in [0, 100), got "
+                            f"{self.validation_split_percentage}")
 
 
 @dataclass
@@ -214,7 +222,16 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, 700))
 
 
-def load_raw_text(data_args: DataArguments):
+def load_raw_text(data_args: DataArguments) -> tuple[DatasetDict, bool]:
+    """The text by split, and whether its validation split was held out of its training rows (run_clm.py's way for
+    a source without one)."""
+    raw = load_source_text(data_args)
+    if "validation" in raw or data_args.validation_split_percentage == 0:
+        return raw, False
+    return hold_out_validation(raw, data_args.validation_split_percentage), True
+
+
+def load_source_text(data_args: DataArguments):
     if data_args.dataset_dir:
         return load_wikitext_dir(data_args.dataset_dir, splits=("train", "validation"))
     if data_args.train_file:
@@ -223,7 +240,7 @@ def load_raw_text(data_args: DataArguments):
             files["validation"] = data_args.validation_file
         return load_text_files(files)
     if data_args.dataset_name:
-        return load_corpus(data_args.dataset_name, data_args.dataset_config_name, splits=("train", "validation"))
+        return load_corpus(data_args.dataset_name, data_args.dataset_config_name, splits=("train",))
     raise UserError("no training data: give --dataset_name, --dataset_dir or --train_file")
 
 
@@ -280,10 +297,12 @@ def checkpoint_to_resume(training_args: SparseTrainingArguments) -> str | None:
 
 
 def run_identity(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
-                 distill_args: DistillationArguments, training_args: SparseTrainingArguments, model) -> dict:
+                 distill_args: DistillationArguments, training_args: SparseTrainingArguments, model,
+                 held_out: bool) -> dict:
     """What defines a run: a checkpoint resumes only into a run with the same values.
 
     The run's length (epochs, max steps) is not part of it: a resume may extend a run, as with the Trainer.
+    The share of the training rows ``held_out`` for validation is, when there is one.
     """
     args = training_args
     lora = {"r": lora_args.lora_r, "alpha": lora_args.lora_alpha, "dropout": lora_args.lora_dropout,
@@ -291,15 +310,18 @@ def run_identity(model_args: ModelArguments, data_args: DataArguments, lora_args
     distillation = {"teacher": _source(distill_args.teacher_model), "loss": distill_args.distill_loss,
                     "temperature": distill_args.distill_temperature,
                     "weight": distill_args.distill_weight} if distill_args.teacher_model else None
-    return {"model": _source(model_args.model_name_or_path), "weights": weights_fingerprint(model),
-            "data": _source(data_args.dataset_dir or data_args.train_file
-                            or f"{data_args.dataset_name}:{data_args.dataset_config_name}"),
-            "block_size": data_args.block_size, "max_train_samples": data_args.max_train_samples,
-            "torch_dtype": model_args.torch_dtype, "lora": lora, "distillation": distillation, "seed": args.seed,
-            "learning_rate": args.learning_rate, "lr_scheduler_type": args.lr_scheduler_type.value,
-            "warmup_steps": args.warmup_steps, "weight_decay": args.weight_decay, "optim": args.optim.value,
-            "effective_batch_size": args.per_device_train_batch_size * args.world_size
-            * args.gradient_accumulation_steps}
+    identity = {"model": _source(model_args.model_name_or_path), "weights": weights_fingerprint(model),
+                "data": _source(data_args.dataset_dir or data_args.train_file
+                                or f"{data_args.dataset_name}:{data_args.dataset_config_name}"),
+                "block_size": data_args.block_size, "max_train_samples": data_args.max_train_samples,
+                "torch_dtype": model_args.torch_dtype, "lora": lora, "distillation": distillation, "seed": args.seed,
+                "learning_rate": args.learning_rate, "lr_scheduler_type": args.lr_scheduler_type.value,
+                "warmup_steps": args.warmup_steps, "weight_decay": args.weight_decay, "optim": args.optim.value,
+                "effective_batch_size": args.per_device_train_batch_size * args.world_size
+                * args.gradient_accumulation_steps}
+    if held_out:  # a key of its own, absent otherwise: the checkpoints of runs before it still resume
+        identity["validation_split_percentage"] = data_args.validation_split_percentage
+    return identity
 
 
 def _source(path: str) -> str:
@@ -448,9 +470,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
 def train_and_save(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
                    distill_args: DistillationArguments, training_args: SparseTrainingArguments) -> int:
     resume_from = checkpoint_to_resume(training_args)
-    raw = load_raw_text(data_args)
+    raw, held_out = load_raw_text(data_args)
     model, tokenizer = load_model(model_args.model_name_or_path, model_args.torch_dtype)
-    identity = run_identity(model_args, data_args, lora_args, distill_args, training_args, model)
+    identity = run_identity(model_args, data_args, lora_args, distill_args, training_args, model, held_out)
     if resume_from and not training_args.resume_from_checkpoint:
         check_belongs_to_run(resume_from, identity)
     check_optimizer(training_args, model)

@@ -1,13 +1,14 @@
 """Text corpora for calibration, training and evaluation, from the Hub or local files.
 
 Every source becomes a ``DatasetDict`` with a ``text`` column and the splits ``train``,
-``validation`` and ``test`` (those the source has), rows as in the Hub's ``wikitext``: one
-line each, with its line break, and blank lines as empty strings.
+``validation`` and ``test`` (those the source has). Plain text files are read as the Hub's
+``wikitext`` is: one row per line, with its line break, and blank lines as empty strings;
+CSV and JSON (lines) files, and Hub data sets, must have a ``text`` column, the only one kept.
 """
 
 import os
 
-from datasets import DatasetDict, load_dataset
+from datasets import DatasetDict, Value, load_dataset
 from datasets.exceptions import DatasetGenerationError
 
 from .errors import UserError, first_line
@@ -16,27 +17,61 @@ from .modeling import looks_like_local_path
 WIKITEXT2 = ("wikitext", "wikitext-2-raw-v1")
 # The file names of the WikiText raw zip, by split.
 WIKITEXT_FILES = {"train": "wiki.train.raw", "validation": "wiki.valid.raw", "test": "wiki.test.raw"}
+# Data files read as tables (a ``text`` column), by extension; any other file is plain text.
+TABLE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json"}
 
 
 def _blank_lines_empty(row: dict) -> dict:
     return {"text": row["text"] if row["text"].strip() else ""}
 
 
+def file_builder(path: str) -> str:
+    """The ``datasets`` builder that reads ``path``, by its extension as in run_clm.py (anything else is text)."""
+    return TABLE_BUILDERS.get(os.path.splitext(path)[1].lower(), "text")
+
+
 def load_text_files(files: dict[str, str]) -> DatasetDict:
-    """Plain text files, one row per line, by split."""
+    """Text files by split: plain text (one row per line), or CSV or JSON (lines) with a ``text`` column."""
     missing = [path for path in files.values() if not os.path.isfile(path)]
     if missing:
         raise UserError(f"text file not found: {', '.join(missing)}")
     empty = [path for path in files.values() if os.path.getsize(path) == 0]
     if empty:
         raise UserError(f"text file is empty: {', '.join(empty)}")
+    builders = {file_builder(path) for path in files.values()}
+    if len(builders) > 1:
+        raise UserError(f"the data files are of different kinds ({', '.join(files.values())}): give all of them as "
+                        "plain text, CSV or JSON")
+    builder = builders.pop()
+    options = {"keep_linebreaks": True} if builder == "text" else {}
     try:
-        corpus = load_dataset("text", data_files=files, keep_linebreaks=True)
+        corpus = load_dataset(builder, data_files=files, **options)
     except DatasetGenerationError as error:
         if isinstance(error.__cause__, UnicodeDecodeError):
             raise UserError(_not_utf8(files.values())) from error
-        raise
-    return corpus.map(_blank_lines_empty, desc="Reading text")
+        raise UserError(f"cannot read {', '.join(files.values())} as {builder}: {first_line(error.__cause__ or error)}"
+                        ) from error
+    if builder == "text":
+        return corpus.map(_blank_lines_empty, desc="Reading text")
+    return text_column(corpus, " and ".join(files.values()))
+
+
+def text_column(corpus: DatasetDict, source: str) -> DatasetDict:
+    """``corpus`` with its ``text`` column alone (a missing value read as empty text); refused without one."""
+    features = next(iter(corpus.values())).features
+    if features.get("text") not in (Value("string"), Value("large_string")):
+        found = f"a {features['text']} column 'text'" if "text" in features else f"columns {', '.join(features)}"
+        raise UserError(f"{source} needs a column 'text' of strings to train on; it has {found}")
+    extra = [name for name in features if name != "text"]
+    return corpus.remove_columns(extra).map(lambda row: {"text": row["text"] or ""}, desc="Reading text")
+
+
+def hold_out_validation(corpus: DatasetDict, percentage: int) -> DatasetDict:
+    """run_clm.py's validation split for a source without one: the first ``percentage`` % of the training rows."""
+    train = corpus["train"]
+    held_out = round(len(train) * percentage / 100)
+    return DatasetDict({**corpus, "train": train.select(range(held_out, len(train))),
+                        "validation": train.select(range(held_out))})
 
 
 def _not_utf8(paths) -> str:
@@ -76,7 +111,7 @@ def load_corpus(source: str, config_name: str | None = None, splits=tuple(WIKITE
     absent = [split for split in splits if split not in corpus]
     if absent:
         raise UserError(f"data set {source!r} has no split {', '.join(absent)}")
-    return corpus
+    return text_column(corpus, f"data set {source!r}")
 
 
 def joined_text(corpus: DatasetDict, split: str, separator: str) -> str:

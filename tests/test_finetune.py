@@ -12,15 +12,18 @@ import sys
 from concurrent.futures import Future
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from conftest import REPO_ROOT, file_contents, run_python
 from huggingface_hub import HfApi, RepoUrl
 from huggingface_hub.utils import filter_repo_objects
 from tiny_models import tiny_llama
-from transformers import AutoModelForCausalLM, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
+from dense_ft import text
 from dense_ft.check_sparsity import main as check_sparsity_main
+from dense_ft.finetune import group_texts
 from dense_ft.finetune import main as finetune_main
 from dense_ft.masks import SparsityMasks
 from dense_ft.sparsity import prunable_linears
@@ -78,6 +81,8 @@ def test_sigint_saves_a_checkpoint_and_the_rerun_resumes(method, tmp_path, tiny_
     ({"--dataset_dir": "{tmp}/empty_valid"}, "text file is empty: {tmp}/empty_valid/wiki.valid.raw"),
     ({"--dataset_dir": "", "--train_file": "{tmp}/empty.txt"}, "text file is empty: {tmp}/empty.txt"),
     ({"--dataset_dir": "", "--train_file": "{tmp}/latin1.txt"}, "{tmp}/latin1.txt is not UTF-8 text (byte 9)"),
+    ({"--dataset_dir": "", "--train_file": "{tmp}/no_text.jsonl"}, "needs a column 'text' of strings to train on"),
+    ({"--validation_split_percentage": "100"}, "--validation_split_percentage must be in [0, 100), got 100"),
     ({"--block_size": "100000"}, "exceeds the model's 256 positions"),
     ({"--block_size": "0"}, "--block_size must be a positive number of tokens, got 0"),
     ({"--dataset_dir": "{tmp}/tiny_corpus"}, "no training sequence of 32 tokens"),
@@ -109,7 +114,8 @@ def test_sigint_saves_a_checkpoint_and_the_rerun_resumes(method, tmp_path, tiny_
      "--optim galore_adamw_layerwise steps each weight inside backward, before the masks can act on its gradient"),
     ({"--report_to": "bogus"}, "--report_to: bogus is not supported, only azure_ml,"),
     ({"--push_to_hub": "true"}, "--push_to_hub: cannot create the Hub repository out: "),  # offline
-    ({"--dataset_dir": "", "--train_file": "{tmp}/empty_valid/wiki.train.raw", "--eval_strategy": "steps"},
+    ({"--dataset_dir": "", "--train_file": "{tmp}/empty_valid/wiki.train.raw", "--eval_strategy": "steps",
+      "--validation_split_percentage": "0"},
      "--eval_strategy steps needs validation text of 32 tokens or more (--validation_file, or the validation"),
     pytest.param({"--use_liger_kernel": "true"}, "--use_liger_kernel needs liger-kernel >= 0.3.0",
                  marks=pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is not None,
@@ -130,6 +136,7 @@ def test_bad_input_fails_in_one_line_and_keeps_the_output_dir(change, message, t
     shutil.copytree(small_corpus_dir, tmp_path / "empty_valid")
     (tmp_path / "empty_valid" / "wiki.valid.raw").write_text("")
     (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "no_text.jsonl").write_text('{"content": "Words."}\n')
     (tmp_path / "latin1.txt").write_bytes("Text, caf\xe9 au lait".encode("latin-1"))
     shutil.copytree(tiny_pruned_dir, tmp_path / "truncated_model")
     shutil.copytree(tiny_pruned_dir, tmp_path / "model")
@@ -409,3 +416,26 @@ def test_check_sparsity_streams_sharded_checkpoints(tmp_path, tiny_pruned_dir):
     broken = check_sparsity_cli(truncated, "--reference", tiny_pruned_dir)
     assert broken.returncode == 2 and "Traceback" not in broken.stderr
     assert broken.stderr.strip().splitlines()[-1].startswith(f"error: cannot read {truncated / 'model.safetensors'}")
+
+
+def test_data_without_a_validation_split_holds_out_its_first_rows_as_run_clm_does(tmp_path, tiny_pruned_dir,
+                                                                                   small_corpus_dir, monkeypatch):
+    """A Hub data set with a train split alone (the Hub here: a JSON lines file with the columns such sets have)."""
+    lines = (small_corpus_dir / "wiki.train.raw").read_text(encoding="utf-8").splitlines(keepends=True)
+    rows = tmp_path / "stories.jsonl"
+    rows.write_text("".join(json.dumps({"id": i, "text": line}) + "\n" for i, line in enumerate(lines)))
+    monkeypatch.setattr(text, "load_dataset", lambda name, config=None, **kwargs: datasets.load_dataset(
+        "json", data_files={"train": str(rows)}, **kwargs) if name == "user/stories" else None)
+    output = tmp_path / "out"
+    args = finetune_args(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 1, "--dataset_dir", "",
+                         "--dataset_name", "user/stories", "--max_eval_samples", 1000)[1:]
+    with pytest.raises(SystemExit) as exited:
+        finetune_main(list(map(str, args)))
+    assert exited.value.code == 0
+    held_out = lines[:round(len(lines) * 5 / 100)]
+    blocks = torch.tensor(group_texts(AutoTokenizer.from_pretrained(tiny_pruned_dir)(held_out), 32)["input_ids"])
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(output)(input_ids=blocks, labels=blocks).loss.item()
+    assert json.loads((output / "eval_results.json").read_text())["eval_loss"] == pytest.approx(expected, rel=1e-5)
+    marker = json.loads((output / "checkpoint-1" / "dense_ft_checkpoint.json").read_text())
+    assert marker["run"]["validation_split_percentage"] == 5
