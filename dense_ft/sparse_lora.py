@@ -19,7 +19,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils import ModulesToSaveWrapper
+from peft.utils import ModulesToSaveWrapper, get_peft_model_state_dict, load_peft_weights
 from torch import nn
 from torch.nn import functional as F
 
@@ -169,9 +169,31 @@ def load_lora_as_saved(model: nn.Module, adapter: str, masks: SparsityMasks, is_
         raise UserError(f"cannot load adapter {adapter!r}: {first_line(error)}") from error
     if not isinstance(config, LoraConfig) or config.peft_type != "LORA":
         raise UserError(f"{adapter} is a {config.peft_type} adapter, not LoRA")
-    peft_model = PeftModel.from_pretrained(model, adapter, config=sparse_lora_config(config),
-                                           is_trainable=is_trainable)
+    try:
+        peft_model = PeftModel.from_pretrained(model, adapter, config=sparse_lora_config(config),
+                                               is_trainable=is_trainable)
+    except RuntimeError as error:  # torch's load_state_dict
+        mismatch = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), None)
+        if mismatch is None:
+            raise
+        raise another_models_adapter(adapter, config, mismatch) from error
+    check_every_weight_loaded(peft_model, adapter, config)
     return attach_masks(peft_model, masks)
+
+
+def check_every_weight_loaded(peft_model: PeftModel, adapter: str, config: LoraConfig) -> None:
+    """PEFT adds adapters where the model has the modules and drops, unsaid, the weights of modules it lacks:
+    an adapter of another model would merge in part."""
+    loaded = get_peft_model_state_dict(peft_model).keys()
+    unloaded = sorted(key for key in load_peft_weights(adapter) if ".lora_" in key and key not in loaded)
+    if unloaded:
+        module = unloaded[0].removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+        raise another_models_adapter(adapter, config, f"{len(unloaded)} of its weights are for modules this model "
+                                                      f"lacks ({module}, ...)")
+
+
+def another_models_adapter(adapter: str, config: LoraConfig, detail: str) -> UserError:
+    return UserError(f"{adapter} was trained on another model ({config.base_model_name_or_path}): {detail}")
 
 
 def load_sparse_lora(model: nn.Module, adapter: str, is_trainable: bool = False) -> PeftModel:

@@ -49,8 +49,8 @@ def load_text_files(files: dict[str, str]) -> DatasetDict:
     except DatasetGenerationError as error:
         if isinstance(error.__cause__, UnicodeDecodeError):
             raise UserError(_not_utf8(files.values())) from error
-        raise UserError(f"cannot read {', '.join(files.values())} as {builder}: {first_line(error.__cause__ or error)}"
-                        ) from error
+        reason = first_line(error.__cause__ or error)
+        raise UserError(f"cannot read {', '.join(files.values())} as {builder}: {reason}") from error
     if builder == "text":
         return corpus.map(_blank_lines_empty, desc="Reading text")
     return text_column(corpus, " and ".join(files.values()))

@@ -2,6 +2,7 @@
 LoRA), FSDP1 refused."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -14,8 +15,9 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "
 
 
 def run_torchrun(*args, timeout=600):
+    # The fault handler prints where each thread was if a rank aborts: one did at exit, rarely, after saving.
     return subprocess.run([*TORCHRUN, *map(str, args)], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+                          timeout=timeout, stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+import transformers
 from conftest import file_contents, run_python
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from test_sparse_trainer import token_dataset, training_args
@@ -279,3 +280,26 @@ def test_merge_paths_that_would_lose_a_file_or_mean_another_thing_are_refused_be
     assert exit_status.value.code == 2
     assert capsys.readouterr().err.startswith(f"error: {refusal.format(output=output, pruned=pruned)}")
     assert file_contents(tmp_path) == saved
+
+
+@pytest.mark.parametrize("config_class, width, refusal", [
+    ("LlamaConfig", 128, "size mismatch for base_model.model.model.layers."),
+    ("Phi3Config", 64, "20 of its weights are for modules this model lacks (model.layers.0.mlp.gate_proj, ...)"),
+], ids=["wider", "fused projections"])
+def test_an_adapter_of_another_model_is_refused_not_merged_in_part(config_class, width, refusal, tmp_path, tokenizer,
+                                                                    capsys):
+    adapter, other_pruned = tmp_path / "adapter", tmp_path / "other_pruned"
+    get_peft_model(pruned_model()[0], config()).save_pretrained(adapter)
+    other = AutoModelForCausalLM.from_config(getattr(transformers, config_class)(
+        vocab_size=256, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, bos_token_id=0, eos_token_id=1, pad_token_id=2))
+    zero_random_blocks(other)
+    other.save_pretrained(other_pruned)
+    tokenizer.save_pretrained(other_pruned)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_status:
+        merge_lora.main([str(other_pruned), str(adapter), str(tmp_path / "merged")])
+    assert exit_status.value.code == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith(f"error: {adapter} was trained on another model (") and refusal in last_line
+    assert not (tmp_path / "merged").exists()
