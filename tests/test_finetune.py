@@ -424,8 +424,8 @@ def test_data_without_a_validation_split_holds_out_its_first_rows_as_run_clm_doe
     lines = (small_corpus_dir / "wiki.train.raw").read_text(encoding="utf-8").splitlines(keepends=True)
     rows = tmp_path / "stories.jsonl"
     rows.write_text("".join(json.dumps({"id": i, "text": line}) + "\n" for i, line in enumerate(lines)))
-    monkeypatch.setattr(text, "load_dataset", lambda name, config=None, **kwargs: datasets.load_dataset(
-        "json", data_files={"train": str(rows)}, **kwargs) if name == "user/stories" else None)
+    monkeypatch.setattr(text, "load_dataset", lambda name, config=None: datasets.load_dataset(
+        "json", data_files={"train": str(rows)}))
     output = tmp_path / "out"
     args = finetune_args(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 1, "--dataset_dir", "",
                          "--dataset_name", "user/stories", "--max_eval_samples", 1000)[1:]

@@ -1,8 +1,10 @@
+import copy
 import math
 import re
 
 import pytest
 import torch
+from test_sparse_trainer import token_dataset, training_args
 from tiny_models import BLOCK, tiny_llama
 from torch import nn
 from transformers import (
@@ -18,6 +20,9 @@ from transformers import (
 )
 
 from dense_ft.errors import UserError
+from dense_ft.masks import SparsityMasks
+from dense_ft.sparse_lora import add_sparse_lora, lora_config
+from dense_ft.sparse_trainer import SparseLoraTrainer, SparseTrainer
 from dense_ft.sparsity import PATTERN_KEY, prunable_linears
 from dense_ft.wanda import InputNormStats, block_scores, lowest_blocks, prune_wanda_blocks
 
@@ -123,7 +128,7 @@ LLAMA_KIN = [MistralConfig, Qwen2Config, Qwen3Config, GemmaConfig, Phi3Config, O
 
 
 @pytest.mark.parametrize("config_class", LLAMA_KIN)
-def test_llama_kin_are_pruned_in_every_linear(config_class):
+def test_llama_kin_are_pruned_in_every_linear_and_train_keeping_the_pattern(config_class, tmp_path):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config_class(**TINY_SHAPE)).eval()
     prune_wanda_blocks(model, torch.randint(0, 256, (2, 32)), 0.2, BLOCK, "cpu", progress=False)
@@ -131,6 +136,14 @@ def test_llama_kin_are_pruned_in_every_linear(config_class):
         rows, cols = linear.weight.shape
         grid = linear.weight.detach().view(rows // BLOCK, BLOCK, cols // BLOCK, BLOCK).eq(0).all(3).all(1)
         assert int(grid.sum()) == math.floor(0.2 * grid.numel())
+    pruned = copy.deepcopy(model)
+    full = SparseTrainer(model=model, args=training_args(tmp_path / "full"), train_dataset=token_dataset())
+    full.train()
+    lora = add_sparse_lora(copy.deepcopy(pruned), lora_config(4, 8, 0.0, ["all-linear"]))
+    SparseLoraTrainer(model=lora, args=training_args(tmp_path / "lora"), train_dataset=token_dataset()).train()
+    masks = SparsityMasks(pruned)
+    assert masks.violations(model) == {} and masks.violations(lora.merge_and_unload()) == {}
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), pruned.parameters(), strict=True))
 
 
 @pytest.mark.parametrize("config, message", [
