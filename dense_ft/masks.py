@@ -18,6 +18,7 @@ import re
 import warnings
 
 import torch
+from accelerate.optimizer import AcceleratedOptimizer
 from torch import nn
 
 from . import block_zero
@@ -359,11 +360,14 @@ class SparsityMasks:
         """Keep the pattern in a training loop of one's own: each ``optimizer.step()`` zeroes the pruned
         gradients first (the optimizer's moments for them stay zero) and re-masks the trainable weights after.
 
-        Returns the two hooks' handles (``.remove()`` detaches them). Attach to the torch optimizer itself,
-        before ``accelerator.prepare`` wraps it. The trainers also mask the gradients before clipping,
-        which keeps them out of the norm: ``apply_to_grads()`` before ``clip_grad_norm_`` does the same.
-        Under FSDP2, call ``match_local_shards()`` once the model is sharded.
+        Returns the two hooks' handles (``.remove()`` detaches them). The optimizer may be the one
+        ``accelerator.prepare`` returns (or a Trainer's ``trainer.optimizer``): the hooks go on the torch
+        optimizer it wraps, which steps only on real optimizer steps. The trainers also mask the gradients
+        before clipping, which keeps them out of the norm: ``apply_to_grads()`` before ``clip_grad_norm_``
+        does the same. Under FSDP2, call ``match_local_shards()`` once the model is sharded.
         """
+        if isinstance(optimizer, AcceleratedOptimizer):  # a wrapper without step hooks of its own
+            optimizer = optimizer.optimizer
         return (optimizer.register_step_pre_hook(lambda *_: self.apply_to_grads()),
                 optimizer.register_step_post_hook(lambda *_: self.apply_to_weights(trainable_only=True)))
 

@@ -3,6 +3,7 @@ import re
 
 import pytest
 import torch
+from accelerate import Accelerator
 from conftest import run_python
 from peft import LoraConfig, get_peft_model
 from tiny_models import BLOCK, tiny_llama, zero_random_blocks
@@ -206,6 +207,27 @@ def test_a_training_loop_of_ones_own_keeps_the_pattern_through_the_optimizer_hoo
             assert linear.weight.detach()[~pruned[name]].ne(0).float().mean() > 0.99
             assert optimizer.state[linear.weight]["exp_avg"][pruned[name]].eq(0).all()
     assert train(attach=False)[1].violations()  # without the hooks AdamW fills the pruned blocks
+
+
+def test_the_hooks_attach_through_accelerates_optimizer_and_act_only_on_real_steps():
+    model = tiny_llama()
+    pruned = zero_random_blocks(model)
+    masks = SparsityMasks(model)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1))
+    masks.attach_to_optimizer(optimizer)  # after prepare, as trainer.optimizer is
+    q_proj = model.model.layers[0].self_attn.q_proj.weight
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    for micro_step in range(4):
+        with accelerator.accumulate(model):
+            accelerator.backward(model(input_ids=ids, labels=ids).loss)
+            if micro_step % 2 == 0:  # an accumulation micro-step: the pruned gradients are still there
+                assert q_proj.grad[pruned["model.layers.0.self_attn.q_proj"]].ne(0).any()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert masks.violations() == {}
+    assert optimizer.optimizer.state[q_proj]["step"] == 2
+    assert optimizer.optimizer.state[q_proj]["exp_avg"][pruned["model.layers.0.self_attn.q_proj"]].eq(0).all()
 
 
 def test_quantized_weights_are_refused_in_one_line():
