@@ -1,5 +1,5 @@
-"""SparseTrainingMixin keeps the pruned pattern in any Trainer subclass: TRL's SFTTrainer and DPOTrainer, a user's
-own."""
+"""SparseTrainingMixin keeps the pruned pattern in any Trainer subclass: TRL's SFT, DPO, GRPO, distillation and reward
+trainers, a user's own."""
 
 import pytest
 import torch
@@ -7,8 +7,19 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from test_sparse_trainer import assert_pruned_weights_zero, pruned_tiny_model, token_dataset, training_args
 from tiny_models import tiny_llama, zero_random_blocks
-from transformers import AutoModelForCausalLM, Trainer
-from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Trainer
+from trl import (
+    DistillationConfig,
+    DistillationTrainer,
+    DPOConfig,
+    DPOTrainer,
+    GRPOConfig,
+    GRPOTrainer,
+    RewardConfig,
+    RewardTrainer,
+    SFTConfig,
+    SFTTrainer,
+)
 
 from dense_ft.errors import UserError
 from dense_ft.masks import SparsityMasks
@@ -37,6 +48,18 @@ class SparseSFTTrainer(SparseTrainingMixin, SFTTrainer):
 
 
 class SparseDPOTrainer(SparseTrainingMixin, DPOTrainer):
+    pass
+
+
+class SparseGRPOTrainer(SparseTrainingMixin, GRPOTrainer):
+    pass
+
+
+class SparseDistillationTrainer(SparseTrainingMixin, DistillationTrainer):
+    pass
+
+
+class SparseRewardTrainer(SparseTrainingMixin, RewardTrainer):
     pass
 
 
@@ -109,24 +132,74 @@ def test_a_peft_config_given_to_sft_trainer_becomes_sparse_lora_whose_merge_keep
                for name, linear in prunable_linears(merged).items())
 
 
-@pytest.mark.parametrize("peft_config", [None, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
-                                                                 task_type="CAUSAL_LM")], ids=["full", "lora"])
+FULL_AND_LORA = pytest.mark.parametrize(
+    "peft_config", [None, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], task_type="CAUSAL_LM")],
+    ids=["full", "lora"])
+
+
+def trl_args(config_class, output_dir, **overrides):
+    settings = dict(max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2, use_cpu=True, report_to=[],
+                    save_strategy="no", disable_tqdm=True, seed=0)
+    return config_class(str(output_dir), **{**settings, **overrides})
+
+
+def train_and_check_the_policy(trainer, pruned_dir):
+    """Train; the policy (merged, for LoRA) keeps every pruned weight zero and has moved."""
+    assert len(trainer.masks) == 14
+    trainer.train()
+    policy = trainer.model.merge_and_unload() if hasattr(trainer.model, "merge_and_unload") else trainer.model
+    original = AutoModelForCausalLM.from_pretrained(pruned_dir)
+    assert SparsityMasks(original).violations(policy) == {}
+    assert not torch.equal(original.model.layers[0].mlp.down_proj.weight, policy.model.layers[0].mlp.down_proj.weight)
+    return original
+
+
+@FULL_AND_LORA
 def test_trl_dpo_trainer_keeps_the_pruned_blocks_of_the_policy_and_its_reference(tmp_path, tiny_pruned_dir, tokenizer,
                                                                                   peft_config):
     preferences = Dataset.from_list([{"prompt": f"What is {i} plus {i}?", "chosen": f" {2 * i}", "rejected": f" {i}"}
                                      for i in range(8)])
-    args = DPOConfig(str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2, max_length=64,
-                     use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True, seed=0)
-    trainer = SparseDPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_pruned_dir), args=args,
-                               train_dataset=preferences, processing_class=tokenizer, peft_config=peft_config)
-    assert len(trainer.masks) == 14
-    trainer.train()
-    policy = trainer.model.merge_and_unload() if peft_config else trainer.model
-    original = AutoModelForCausalLM.from_pretrained(tiny_pruned_dir)
-    assert SparsityMasks(original).violations(policy) == {}
-    assert not torch.equal(original.model.layers[0].mlp.down_proj.weight, policy.model.layers[0].mlp.down_proj.weight)
+    trainer = SparseDPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_pruned_dir),
+                               args=trl_args(DPOConfig, tmp_path, max_length=64), train_dataset=preferences,
+                               processing_class=tokenizer, peft_config=peft_config)
+    original = train_and_check_the_policy(trainer, tiny_pruned_dir)
     if trainer.ref_model is not None:  # full DPO's frozen copy of the pruned model
         assert SparsityMasks(original).violations(trainer.ref_model) == {}
+
+
+@FULL_AND_LORA
+def test_trl_grpo_trainer_keeps_the_pruned_blocks_of_the_policy(tmp_path, tiny_pruned_dir, tokenizer, peft_config):
+    prompts = Dataset.from_list([{"prompt": f"Count to {i}:"} for i in range(8)])
+    trainer = SparseGRPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_pruned_dir),
+                                reward_funcs=lambda completions, **_: [float(len(text)) for text in completions],
+                                args=trl_args(GRPOConfig, tmp_path, num_generations=4, max_completion_length=8),
+                                train_dataset=prompts, processing_class=tokenizer, peft_config=peft_config)
+    train_and_check_the_policy(trainer, tiny_pruned_dir)
+
+
+@FULL_AND_LORA
+def test_trl_distillation_trainer_keeps_the_pruned_blocks_and_leaves_the_dense_teacher_alone(
+        tmp_path, tiny_pruned_dir, tokenizer, peft_config):
+    teacher = tiny_llama(vocab_size=len(tokenizer))  # the dense model tiny_pruned_dir was pruned from
+    teacher_weights = {name: tensor.clone() for name, tensor in teacher.state_dict().items()}
+    prompts = Dataset.from_list([{"prompt": [{"role": "user", "content": f"Count to {i}:"}]} for i in range(8)])
+    trainer = SparseDistillationTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_pruned_dir),
+                                        teacher_model=teacher, train_dataset=prompts, processing_class=tokenizer,
+                                        args=trl_args(DistillationConfig, tmp_path, bf16=False,
+                                                      max_completion_length=8),
+                                        peft_config=peft_config)
+    train_and_check_the_policy(trainer, tiny_pruned_dir)
+    assert all(torch.equal(teacher_weights[name], tensor) for name, tensor in teacher.state_dict().items())
+    assert all(parameter.grad is None for parameter in teacher.parameters())
+
+
+def test_trl_reward_trainer_keeps_the_pruned_blocks_of_a_sequence_classifier(tmp_path, tiny_pruned_dir, tokenizer):
+    pairs = Dataset.from_list([{"chosen": f"{i} plus {i} is {2 * i}", "rejected": f"{i} plus {i} is {i}"}
+                               for i in range(8)])
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_pruned_dir, num_labels=1)
+    trainer = SparseRewardTrainer(model=model, args=trl_args(RewardConfig, tmp_path), train_dataset=pairs,
+                                  processing_class=tokenizer)
+    train_and_check_the_policy(trainer, tiny_pruned_dir)
 
 
 def test_plain_peft_adapters_on_pruned_weights_are_refused_and_sparse_lora_trains_and_merges_sparse(tmp_path):
