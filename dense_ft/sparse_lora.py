@@ -146,6 +146,10 @@ def attach_masks(peft_model: PeftModel, masks: SparsityMasks) -> PeftModel:
     return peft_model
 
 
+def has_sparse_lora(model: nn.Module) -> bool:
+    return any(isinstance(module, MaskedLoraLinear) and module.pruned is not None for module in model.modules())
+
+
 def add_sparse_lora(model: nn.Module, config: LoraConfig) -> PeftModel:
     """``get_peft_model`` with every adapted layer masked by the pruned blocks of ``model``."""
     masks = SparsityMasks(model)

@@ -16,6 +16,7 @@ or absent.
 """
 
 import os
+import warnings
 
 import torch
 from peft import LoraConfig
@@ -26,7 +27,7 @@ from .errors import UserError
 from .guarded_trainer import GuardedTrainingMixin
 from .masks import SparsityMasks
 from .modeling import save_model
-from .sparse_lora import attach_masks, sparse_lora_config
+from .sparse_lora import attach_masks, has_sparse_lora, sparse_lora_config
 from .sparsity import check_sparsity
 
 __all__ = ["SparseLoraTrainer", "SparseTrainer", "SparseTrainingMixin", "check_sparsity"]
@@ -91,6 +92,14 @@ class SparseTrainingMixin(GuardedTrainingMixin):
         # With FSDP2 the optimizer is made after sharding: from here on each rank masks its own rows.
         self.masks.match_local_shards()
         return super().create_optimizer(model)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if not _internal_call and self.is_world_process_zero() and has_sparse_lora(self.model):
+            warnings.warn(f"{output_dir or self.args.output_dir} holds a sparse-LoRA adapter: load it with "
+                          "dense_ft.sparse_lora.load_sparse_lora, or merge it with python -m dense_ft.merge_lora. "
+                          "PEFT's own loaders (PeftModel, AutoPeftModelForCausalLM, AutoModelForCausalLM) add its "
+                          "update unmasked, on the pruned blocks too", stacklevel=2)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self._check_replicas_synchronize(model)

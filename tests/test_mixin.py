@@ -123,6 +123,8 @@ def test_a_peft_config_given_to_sft_trainer_becomes_sparse_lora_whose_merge_keep
     versions = [weight._version for weight in frozen]
     trainer.train()
     assert len(frozen) == 14 and [weight._version for weight in frozen] == versions  # no step rewrites them
+    with pytest.warns(UserWarning, match="holds a sparse-LoRA adapter: load it with dense_ft.sparse_lora.load_sparse_"):
+        trainer.save_model()  # a plain PEFT adapter, which PeftModel.from_pretrained would apply unmasked
     # What TRL's plain LoRA would have merged into the pruned blocks: the masking is what keeps them zero.
     assert update_on_pruned_blocks(trainer.model, trainer.masks)["pruned_weights_a_plain_merge_would_change"] > 0
     merged = trainer.model.merge_and_unload()
