@@ -239,6 +239,29 @@ derive_accumulation() {
     GRAD_ACCUM=$((EFFECTIVE_BATCH_SIZE / per_step))
 }
 
+# A data source passed on to finetune.py replaces DATASET and DATASET_DIR (finetune.py takes one).
+extra_args_give_data() {
+    local arg
+    for arg in "${EXTRA_ARGS[@]}"; do
+        [[ $arg =~ ^--(dataset_name|dataset_dir|train_file)(=|$) ]] && return 0
+    done
+    return 1
+}
+
+# Sets DATA_ARGS, finetune.py's data flags, and DATASET_DESCRIPTION.
+choose_data() {
+    if extra_args_give_data; then
+        DATA_ARGS=()
+        DATASET_DESCRIPTION="as passed on to finetune.py (below)"
+    elif [[ -n $DATASET_DIR ]]; then
+        DATA_ARGS=(--dataset_dir "$DATASET_DIR")
+        DATASET_DESCRIPTION="$DATASET_DIR (local)"
+    else
+        DATA_ARGS=(--dataset_name "$DATASET" --dataset_config_name "$DATASET_CONFIG")
+        DATASET_DESCRIPTION="$DATASET ($DATASET_CONFIG)"
+    fi
+}
+
 looks_like_local_path() { [[ $1 == /* || $1 == .* || $1 == \~* || $1 == */*/* ]]; }
 
 check_pruned_model() {
@@ -335,11 +358,7 @@ build_command() {
     )
     [[ -z $OPTIM ]] || finetune_args+=(--optim "$OPTIM")
     [[ -z $OPTIM_ARGS ]] || finetune_args+=(--optim_args "$OPTIM_ARGS")
-    if [[ -n $DATASET_DIR ]]; then
-        finetune_args+=(--dataset_dir "$DATASET_DIR")
-    else
-        finetune_args+=(--dataset_name "$DATASET" --dataset_config_name "$DATASET_CONFIG")
-    fi
+    finetune_args+=("${DATA_ARGS[@]}")
     [[ $METHOD == full ]] || finetune_args+=(--lora)
     [[ -z $TEACHER_MODEL ]] || finetune_args+=(--teacher_model "$TEACHER_MODEL")
     if (( USE_GPU )); then
@@ -460,11 +479,7 @@ main() {
     validate_gpu_ids
     choose_mode
     check_pruned_model
-    if [[ -n $DATASET_DIR ]]; then
-        DATASET_DESCRIPTION="$DATASET_DIR (local)"
-    else
-        DATASET_DESCRIPTION="$DATASET ($DATASET_CONFIG)"
-    fi
+    choose_data
 
     print_banner
     if (( USE_GPU )); then

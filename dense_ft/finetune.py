@@ -103,6 +103,12 @@ class DataArguments:
         for flag, minimum in (("max_train_samples", 1), ("max_eval_samples", 1), ("preprocessing_num_workers", 0)):
             if getattr(self, flag) is not None and getattr(self, flag) < minimum:
                 raise UserError(f"--{flag} must be {minimum} or more, got {getattr(self, flag)}")
+        sources = [f"--{flag}" for flag in ("dataset_dir", "train_file", "dataset_name") if getattr(self, flag)]
+        if len(sources) > 1:
+            raise UserError(f"give one source of training data, not {' and '.join(sources)}")
+        if self.validation_file and not self.train_file:
+            raise UserError("--validation_file goes with --train_file (--dataset_dir and --dataset_name bring their "
+                            "own validation split)")
         if not 0 <= self.validation_split_percentage < 100:
             raise UserError("--validation_split_percentage must be in [0, 100), got "
                             f"{self.validation_split_percentage}")

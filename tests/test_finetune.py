@@ -82,6 +82,8 @@ def test_sigint_saves_a_checkpoint_and_the_rerun_resumes(method, tmp_path, tiny_
     ({"--dataset_dir": "", "--train_file": "{tmp}/empty.txt"}, "text file is empty: {tmp}/empty.txt"),
     ({"--dataset_dir": "", "--train_file": "{tmp}/latin1.txt"}, "{tmp}/latin1.txt is not UTF-8 text (byte 9)"),
     ({"--dataset_dir": "", "--train_file": "{tmp}/no_text.jsonl"}, "needs a column 'text' of strings to train on"),
+    ({"--train_file": "{tmp}/empty.txt"}, "give one source of training data, not --dataset_dir and --train_file"),
+    ({"--validation_file": "{tmp}/empty.txt"}, "--validation_file goes with --train_file"),
     ({"--validation_split_percentage": "100"}, "--validation_split_percentage must be in [0, 100), got 100"),
     ({"--block_size": "100000"}, "exceeds the model's 256 positions"),
     ({"--block_size": "0"}, "--block_size must be a positive number of tokens, got 0"),

@@ -210,6 +210,21 @@ def test_extra_arguments_arrive_unchanged_and_settings_come_from_the_environment
     assert flag_value(argv, "--output_dir") == str(tmp_path / "output dir")
 
 
+@pytest.mark.parametrize("data", [["--train_file", "my data.jsonl"], ["--train_file=my data.jsonl"],
+                                  ["--dataset_name", "user/stories"], ["--dataset_dir", "corpus"]])
+@pytest.mark.parametrize("dataset_dir", [None, "wiki"], ids=["DATASET", "DATASET_DIR"])
+def test_data_passed_on_to_finetune_replaces_the_launchers(fake, tmp_path, data, dataset_dir):
+    (tmp_path / "wiki").mkdir()
+    settings = {"DATASET_DIR": str(tmp_path / "wiki")} if dataset_dir else {}
+    result = fake.run("--", *data, "--max_steps", "5", **settings)
+    assert result.returncode == 0, result.stderr
+    argv = fake.argv("python")
+    given = {flag for flag in ("--dataset_name", "--dataset_config_name", "--dataset_dir", "--train_file")
+             if any(arg.split("=")[0] == flag for arg in argv)}
+    assert given == {data[0].split("=")[0]} and argv[-len(data) - 2:] == [*data, "--max_steps", "5"]
+    assert "\nDataset: as passed on to finetune.py (below)\n" in result.stdout
+
+
 def test_multi_node_settings_go_to_torchrun(fake):
     result = fake.run("--num_gpus", "2", "--gpu_ids", "0,1", "--nnodes", "2", "--node_rank", "1",
                       "--master_addr", "10.1.2.3", "--master_port", "29600")
