@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> dict:
     results = {"model": args.model, "sparsity_ratio": args.sparsity_ratio, "block_size": args.block_size,
                "eval_dataset": args.eval_dataset, "seqlen": seqlen}
     if args.sparsity_ratio > 0:
-        check_prunable(model, args.block_size)
+        check_prunable(model, args.block_size, args.sparsity_ratio)
         started = time.perf_counter()
         windows = calibration_windows(token_ids(tokenizer, " ".join(calib["train"]["text"])),
                                       args.nsamples, seqlen, args.seed)

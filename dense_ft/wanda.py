@@ -14,7 +14,14 @@ from torch import nn
 from .errors import UserError
 from .layerwise import check_decoder_layout, run_layer, run_layer_by_layer
 from .masks import BlockMask
-from .sparsity import PATTERN_KEY, block_pattern, matrices_outside_linears, prunable_linears, pruned_block_count
+from .sparsity import (
+    PATTERN_KEY,
+    block_pattern,
+    matrices_outside_linears,
+    prunable_linears,
+    pruned_block_count,
+    sparsity_pattern,
+)
 
 
 class InputNormStats:
@@ -57,10 +64,12 @@ def lowest_blocks(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     return pruned.view(scores.shape)
 
 
-def check_prunable(model: nn.Module, block_size: int) -> None:
+def check_prunable(model: nn.Module, block_size: int, ratio: float) -> None:
     """Refuse, in one line, a model that block pruning cannot cover: another layout, weights outside ``nn.Linear``,
-    or a weight that is not a whole number of blocks."""
+    a weight that is not a whole number of blocks, or a pruned model that these blocks and ratio would not prune
+    further."""
     check_decoder_layout(model)
+    check_prunes_further(model, block_size, ratio)
     outside = matrices_outside_linears(model)
     if outside:
         name, shape = max(outside.items(), key=lambda item: item[1].numel())
@@ -71,6 +80,22 @@ def check_prunable(model: nn.Module, block_size: int) -> None:
         rows, cols = linear.weight.shape
         if rows % block_size or cols % block_size:
             raise UserError(f"{name}.weight is {rows}x{cols}, not a whole number of {block_size}x{block_size} blocks")
+
+
+def check_prunes_further(model: nn.Module, block_size: int, ratio: float) -> None:
+    """A pruned model may be pruned further in its blocks (its pruned blocks score 0, so they stay pruned), not in
+    other blocks or to a lower ratio: its zero blocks would stay, and the pattern recorded would not say so."""
+    pattern = sparsity_pattern(model.config)
+    if pattern is None:
+        return
+    pruned_size, pruned_ratio = pattern["block_size"], pattern["sparsity_ratio"]
+    if block_size != pruned_size:
+        raise UserError(f"the model is pruned already, in {pruned_size}x{pruned_size} blocks: prune it further in "
+                        f"those (--block_size {pruned_size}), or prune the dense model it came from")
+    if ratio < pruned_ratio:
+        raise UserError(f"the model is pruned already, {pruned_ratio:.0%} of its blocks: --sparsity_ratio {ratio} "
+                        f"would leave those zero and record {ratio:.0%}; give {pruned_ratio} or more, or prune the "
+                        "dense model it came from")
 
 
 def calibration_windows(token_ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -104,7 +129,7 @@ def prune_wanda_blocks(model: nn.Module, windows: torch.Tensor, ratio: float, bl
     With ``offload`` the model stays on the CPU and each decoder layer comes to ``device`` in turn.
     ``calibration`` (the data set, the seed) is recorded with the windows' count and length.
     """
-    check_prunable(model, block_size)
+    check_prunable(model, block_size, ratio)
     run_layer_by_layer(model, windows, device, offload, desc="Pruning layers", progress=progress,
                        before_layer=lambda layer, hidden, kwargs: _calibrate_and_prune(layer, hidden, kwargs,
                                                                                        ratio, block_size))

@@ -158,3 +158,26 @@ def test_models_block_pruning_cannot_cover_are_refused_untouched(config, message
     with pytest.raises(UserError, match=re.escape(message)):
         prune_wanda_blocks(model, torch.randint(0, 256, (2, 32)), 0.2, BLOCK, "cpu", progress=False)
     assert all(torch.equal(param, before[name]) for name, param in model.named_parameters())
+
+
+def zero_block_grids(model) -> dict[str, torch.Tensor]:
+    return {name: linear.weight.detach().view(linear.out_features // BLOCK, BLOCK, -1, BLOCK).eq(0).all(3).all(1)
+            for name, linear in prunable_linears(model).items()}
+
+
+def test_a_pruned_model_prunes_further_keeping_its_blocks_and_is_refused_a_lower_ratio_or_other_blocks():
+    model = tiny_llama().eval()
+    windows = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    prune_wanda_blocks(model, windows, 0.2, BLOCK, "cpu", progress=False)
+    first = zero_block_grids(model)
+    for ratio, block_size, message in ((0.1, BLOCK, "the model is pruned already, 20% of its blocks: --sparsity_ratio "
+                                                    "0.1 would leave those zero and record 10%; give 0.2 or more"),
+                                       (0.3, 32, "the model is pruned already, in 16x16 blocks")):
+        with pytest.raises(UserError, match=re.escape(message)):
+            prune_wanda_blocks(model, windows, ratio, block_size, "cpu", progress=False)
+    assert all(torch.equal(grid, first[name]) for name, grid in zero_block_grids(model).items())
+
+    prune_wanda_blocks(model, windows, 0.3, BLOCK, "cpu", progress=False)
+    for name, grid in zero_block_grids(model).items():
+        assert grid[first[name]].all() and int(grid.sum()) == math.floor(0.3 * grid.numel())
+    assert getattr(model.config, PATTERN_KEY)["sparsity_ratio"] == 0.3
