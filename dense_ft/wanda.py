@@ -69,7 +69,6 @@ def check_prunable(model: nn.Module, block_size: int, ratio: float) -> None:
     a weight that is not a whole number of blocks, or a pruned model that these blocks and ratio would not prune
     further."""
     check_decoder_layout(model)
-    check_prunes_further(model, block_size, ratio)
     outside = matrices_outside_linears(model)
     if outside:
         name, shape = max(outside.items(), key=lambda item: item[1].numel())
@@ -80,6 +79,7 @@ def check_prunable(model: nn.Module, block_size: int, ratio: float) -> None:
         rows, cols = linear.weight.shape
         if rows % block_size or cols % block_size:
             raise UserError(f"{name}.weight is {rows}x{cols}, not a whole number of {block_size}x{block_size} blocks")
+    check_prunes_further(model, block_size, ratio)
 
 
 def check_prunes_further(model: nn.Module, block_size: int, ratio: float) -> None:

@@ -15,6 +15,7 @@ from dense_ft.sparsity import PATTERN_KEY, check_sparsity
     (["--sparsity_ratio", "1.0"], "--sparsity_ratio must be in [0, 1)"),
     (["--sparsity_ratio", "-0.1"], "--sparsity_ratio must be in [0, 1)"),
     (["--block_size", "24", "--sparsity_ratio", "0.2"], "not a whole number of 24x24 blocks"),
+    (["--sparsity_ratio", "0.1"], "the model is pruned already, 20% of its blocks: --sparsity_ratio 0.1 would"),
     (["--eval_dataset", "{missing}"], "corpus directory not found"),
     (["--eval_dataset", "{empty}"], "lacks wiki.test.raw"),
     (["--seqlen", "100000"], "exceeds the model's"),
