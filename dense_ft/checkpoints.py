@@ -71,17 +71,38 @@ def _aside(checkpoint: str) -> str:
     return target
 
 
-def check_belongs_to_run(checkpoint: str, run_identity: dict) -> None:
-    """Refuse, in one line, a checkpoint of another run (another model, other data or hyperparameters)."""
-    with open(os.path.join(checkpoint, MARKER)) as file:
+# What a checkpoint given by hand must share with the run that resumes it: what its files hold (an adapter or the
+# whole model, the optimizer's state). The rest (learning rate, data, ...) such a resume may change on purpose.
+CHECKPOINT_CONTENT_KEYS = ("lora", "optim")
+
+
+def identity_differences(checkpoint: str, run_identity: dict, keys=None) -> list[str]:
+    """How the run recorded in ``checkpoint``'s marker differs from ``run_identity`` (on ``keys``, default all)."""
+    marker = os.path.join(checkpoint, MARKER)
+    if not os.path.isfile(marker):  # saved by another trainer
+        return []
+    with open(marker) as file:
         theirs = json.load(file)["run"]
     if theirs is None:  # saved by a trainer that was given no identity
-        return
-    differences = [f"{key} {theirs.get(key)!r} there, {value!r} here"
-                   for key, value in run_identity.items() if theirs.get(key) != value]
+        return []
+    return [f"{key} {theirs.get(key)!r} there, {value!r} here" for key, value in run_identity.items()
+            if (keys is None or key in keys) and theirs.get(key) != value]
+
+
+def check_belongs_to_run(checkpoint: str, run_identity: dict) -> None:
+    """Refuse, in one line, a checkpoint of another run (another model, other data or hyperparameters)."""
+    differences = identity_differences(checkpoint, run_identity)
     if differences:
         raise UserError(f"{checkpoint} belongs to another run ({'; '.join(differences)}): pass "
                         "--overwrite_output_dir to start over, or choose another --output_dir")
+
+
+def check_resumable(checkpoint: str, run_identity: dict) -> None:
+    """Refuse, in one line, a checkpoint given by hand whose files this run cannot load."""
+    differences = identity_differences(checkpoint, run_identity, CHECKPOINT_CONTENT_KEYS)
+    if differences:
+        raise UserError(f"--resume_from_checkpoint {checkpoint} holds another kind of run ({'; '.join(differences)}): "
+                        "give a checkpoint of a run with the same method and optimizer")
 
 
 @torch.no_grad()

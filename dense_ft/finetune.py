@@ -48,6 +48,7 @@ from dense_ft.checkpoints import (
     SAVE_ERRORS,
     check_belongs_to_run,
     check_free_space,
+    check_resumable,
     checkpoint_bytes,
     full_disk_error,
     is_complete,
@@ -479,7 +480,9 @@ def train_and_save(model_args: ModelArguments, data_args: DataArguments, lora_ar
     raw, held_out = load_raw_text(data_args)
     model, tokenizer = load_model(model_args.model_name_or_path, model_args.torch_dtype)
     identity = run_identity(model_args, data_args, lora_args, distill_args, training_args, model, held_out)
-    if resume_from and not training_args.resume_from_checkpoint:
+    if training_args.resume_from_checkpoint:
+        check_resumable(resume_from, identity)
+    elif resume_from:
         check_belongs_to_run(resume_from, identity)
     check_optimizer(training_args, model)
     if data_args.block_size > model.config.max_position_embeddings:

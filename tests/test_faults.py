@@ -142,6 +142,24 @@ def test_a_checkpoint_of_another_run_is_refused_naming_the_difference(tmp_path, 
     assert status == 0 and "Resuming" not in out, err[-2000:]
 
 
+def test_a_checkpoint_given_by_hand_may_change_the_hyperparameters_not_the_method_or_optimizer(
+        tmp_path, tiny_pruned_dir, small_corpus_dir, capsys):
+    status, _, err = finetune(capsys, tiny_pruned_dir, small_corpus_dir, tmp_path / "run", "--max_steps", 2,
+                              "--save_steps", 2)
+    assert status == 0, err[-2000:]
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    for change, difference in ((["--lora", "true"], "lora None there, {'r': 8, "),
+                               (["--optim", "sgd"], "optim 'adamw_torch_fused' there, 'sgd' here")):
+        status, _, err = finetune(capsys, tiny_pruned_dir, small_corpus_dir, tmp_path / "again", "--max_steps", 3,
+                                  "--resume_from_checkpoint", checkpoint, *change)
+        line = err.strip().splitlines()[-1]  # it had been a traceback from the Trainer's loading
+        assert status == 2 and line.startswith(f"error: --resume_from_checkpoint {checkpoint} holds another kind of "
+                                               f"run ({difference}"), err[-2000:]
+    status, out, err = finetune(capsys, tiny_pruned_dir, small_corpus_dir, tmp_path / "again", "--max_steps", 3,
+                                "--resume_from_checkpoint", checkpoint, "--learning_rate", 5e-4)
+    assert status == 0 and f"Resuming from checkpoint {checkpoint}" in out, err[-2000:]
+
+
 def test_a_second_run_into_the_same_output_dir_is_refused(tmp_path, tiny_pruned_dir, small_corpus_dir, capsys):
     output = tmp_path / "run"
     first = start_finetune(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 400, "--save_steps", 1000)
