@@ -437,7 +437,7 @@ Next steps:
 1. Evaluate:
    python $(printf '%q' "$SCRIPT_DIR/main_block.py") --model $(printf '%q' "$OUTPUT_DIR") --eval_zero_shot
 2. Verify sparsity is preserved:
-   PYTHONPATH=$(printf '%q' "$SCRIPT_DIR") python -m dense_ft.check_sparsity $(printf '%q' "$OUTPUT_DIR") \
+   PYTHONPATH=$(printf '%q' "$SCRIPT_DIR") python -m dense_ft.check_sparsity $(printf '%q' "$OUTPUT_DIR") \\
        --reference $(printf '%q' "$PRUNED_MODEL")
 ==========================================
 EOF
