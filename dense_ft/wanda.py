@@ -21,6 +21,7 @@ from .sparsity import (
     prunable_linears,
     pruned_block_count,
     sparsity_pattern,
+    validate_pattern,
 )
 
 
@@ -88,7 +89,8 @@ def check_prunes_further(model: nn.Module, block_size: int, ratio: float) -> Non
     pattern = sparsity_pattern(model.config)
     if pattern is None:
         return
-    pruned_size, pruned_ratio = pattern["block_size"], pattern["sparsity_ratio"]
+    validate_pattern(pattern, "the model's config")
+    pruned_size, pruned_ratio = pattern["block_size"], pattern.get("sparsity_ratio", 0)
     if block_size != pruned_size:
         raise UserError(f"the model is pruned already, in {pruned_size}x{pruned_size} blocks: prune it further in "
                         f"those (--block_size {pruned_size}), or prune the dense model it came from")
