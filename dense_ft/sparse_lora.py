@@ -26,6 +26,7 @@ from torch.nn import functional as F
 from .errors import UserError, first_line
 from .masks import Mask, SparsityMasks
 from .modeling import looks_like_local_path
+from .sparsity import is_4bit
 
 LLAMA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The initializations that leave the base weight as it is: PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA subtract the
@@ -84,6 +85,13 @@ class MaskedLoraLinear(LoraLinear):
 
     pruned: Mask | None = None
 
+    def merge(self, *args, **kwargs) -> None:
+        if is_4bit(self.get_base_layer().weight):
+            raise UserError("a sparse-LoRA adapter on a 4-bit model merges into the pruned model unquantized "
+                            "(4-bit weights would be requantized): save the adapter and run python -m "
+                            "dense_ft.merge_lora PRUNED_MODEL ADAPTER OUTPUT_DIR")
+        super().merge(*args, **kwargs)
+
     def get_delta_weight(self, adapter) -> torch.Tensor:
         delta = super().get_delta_weight(adapter)
         if self.pruned is not None:
@@ -103,11 +111,11 @@ class MaskedLoraLinear(LoraLinear):
         for name in adapters:
             lora_A, lora_B = self.lora_A[name].weight, self.lora_B[name].weight
             dropout = self.lora_dropout[name]
-            if result is None and (isinstance(dropout, nn.Identity) or not self.training):
+            if result is None and not is_4bit(base.weight) and (isinstance(dropout, nn.Identity) or not self.training):
                 result = MaskedLoraFunction.apply(x, base.weight, lora_A, lora_B, self.scaling[name], self.pruned)
                 if base.bias is not None:
                     result = result + base.bias
-            else:  # dropout sees only the adapter's input, so the update needs its own matmul
+            else:  # dropout sees only the adapter's input (and a 4-bit base has its own kernel): the update apart
                 if result is None:
                     result = base(x)
                 result = result + MaskedLoraFunction.apply(dropout(x), None, lora_A, lora_B, self.scaling[name],

@@ -41,6 +41,21 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if is_sharded(tensor) else tensor
 
 
+def is_4bit(weight: torch.Tensor) -> bool:
+    """Whether a weight is a bitsandbytes 4-bit one (QLoRA's frozen base): packed codes, never trained."""
+    return getattr(weight, "quant_state", None) is not None
+
+
+def weight_values(weight: torch.Tensor) -> torch.Tensor:
+    """A linear weight's values as a matrix: this process's shard, or a 4-bit weight dequantized (its codes keep
+    exact zeros: a pruned block of the loaded model reads back as zeros)."""
+    if is_4bit(weight):
+        from bitsandbytes.functional import dequantize_4bit
+
+        return dequantize_4bit(weight.data, weight.quant_state)
+    return local_tensor(weight.detach())
+
+
 def is_sharded(tensor: torch.Tensor) -> bool:
     return hasattr(tensor, "to_local")
 
@@ -60,9 +75,9 @@ def sum_over_shards(counts: dict[str, int], sharded: bool) -> dict[str, int]:
 def layer_sparsity(model: nn.Module) -> dict[str, tuple[int, int]]:
     """(zeros, total) of every prunable weight, by module name, over all shards."""
     linears = prunable_linears(model)
-    zeros = {name: int((local_tensor(m.weight.detach()) == 0).sum()) for name, m in linears.items()}
+    zeros = {name: int((weight_values(m.weight) == 0).sum()) for name, m in linears.items()}
     zeros = sum_over_shards(zeros, any(is_sharded(m.weight) for m in linears.values()))
-    return {name: (zeros[name], m.weight.numel()) for name, m in linears.items()}
+    return {name: (zeros[name], m.out_features * m.in_features) for name, m in linears.items()}
 
 
 @torch.no_grad()

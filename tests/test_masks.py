@@ -234,8 +234,8 @@ def test_quantized_weights_are_refused_in_one_line():
     model = tiny_llama()
     zero_random_blocks(model)
     q_proj = model.model.layers[1].self_attn.q_proj
-    q_proj.weight = torch.nn.Parameter(torch.zeros(2048, 1, dtype=torch.uint8), requires_grad=False)  # packed 4-bit
-    with pytest.raises(UserError, match=r"^model\.layers\.1\.self_attn\.q_proj holds quantized torch\.uint8 weights"):
+    q_proj.weight = torch.nn.Parameter(torch.zeros(64, 64, dtype=torch.int8), requires_grad=False)  # 8-bit, say
+    with pytest.raises(UserError, match=r"^model\.layers\.1\.self_attn\.q_proj holds quantized torch\.int8 weights"):
         SparsityMasks(model)
 
 

@@ -1,13 +1,15 @@
 """SparseTrainingMixin keeps the pruned pattern in any Trainer subclass: TRL's SFT, DPO, GRPO, distillation and reward
 trainers, a user's own."""
 
+from argparse import Namespace
+
 import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from test_sparse_trainer import assert_pruned_weights_zero, pruned_tiny_model, token_dataset, training_args
 from tiny_models import tiny_llama, zero_random_blocks
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Trainer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig, Trainer
 from trl import (
     DistillationConfig,
     DistillationTrainer,
@@ -23,7 +25,7 @@ from trl import (
 
 from dense_ft.errors import UserError
 from dense_ft.masks import SparsityMasks
-from dense_ft.merge_lora import update_on_pruned_blocks
+from dense_ft.merge_lora import merge, update_on_pruned_blocks
 from dense_ft.sparse_lora import LLAMA_TARGET_MODULES, MaskedLoraLinear, add_sparse_lora, lora_config
 from dense_ft.sparse_trainer import SparseTrainer, SparseTrainingMixin
 from dense_ft.sparsity import prunable_linears
@@ -154,6 +156,23 @@ def train_and_check_the_policy(trainer, pruned_dir):
     assert SparsityMasks(original).violations(policy) == {}
     assert not torch.equal(original.model.layers[0].mlp.down_proj.weight, policy.model.layers[0].mlp.down_proj.weight)
     return original
+
+
+def test_qlora_through_sft_trainers_peft_config_is_sparse_lora_that_merges_sparse(tmp_path, tiny_pruned_dir,
+                                                                                    embedded_corpus_dir, tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(tiny_pruned_dir, device_map="cpu", quantization_config=(
+        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)))
+    trainer = SparseSFTTrainer(model=model, args=sft_config(tmp_path / "run", learning_rate=1e-2),
+                               peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+                               train_dataset=chat_dataset(embedded_corpus_dir), processing_class=tokenizer)
+    adapted = [module for module in trainer.model.modules() if isinstance(module, MaskedLoraLinear)]
+    assert len(adapted) == 14 and all(module.pruned is not None for module in adapted)
+    trainer.train()
+    with pytest.warns(UserWarning, match="holds a sparse-LoRA adapter"):
+        trainer.save_model()
+    report = merge(Namespace(pruned_model=str(tiny_pruned_dir), adapter=str(tmp_path / "run"),
+                             output_dir=str(tmp_path / "merged"), torch_dtype="float32"))
+    assert report["pruned_weights_a_plain_merge_would_change"] > 0 and report["violations"] == 0
 
 
 @FULL_AND_LORA

@@ -1,5 +1,6 @@
 """Sparse LoRA: masked adapters train, merge and reload without touching a pruned block."""
 
+import argparse
 import copy
 import json
 import re
@@ -13,7 +14,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 from test_sparse_trainer import token_dataset, training_args
 from tiny_models import tiny_llama, zero_random_blocks
 from torch.nn import functional as F
-from transformers import AutoModelForCausalLM, Trainer
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer
 
 from dense_ft import merge_lora, sparse_lora
 from dense_ft.errors import UserError
@@ -303,3 +304,36 @@ def test_an_adapter_of_another_model_is_refused_not_merged_in_part(config_class,
     last_line = capsys.readouterr().err.strip().splitlines()[-1]
     assert last_line.startswith(f"error: {adapter} was trained on another model (") and refusal in last_line
     assert not (tmp_path / "merged").exists()
+
+
+def load_in_4bit(model_dir):
+    return AutoModelForCausalLM.from_pretrained(model_dir, device_map="cpu", quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
+
+
+def test_qlora_on_the_4bit_pruned_model_trains_masked_and_merges_sparse_into_the_unquantized_one(tmp_path,
+                                                                                                tiny_pruned_dir):
+    unquantized = AutoModelForCausalLM.from_pretrained(tiny_pruned_dir)
+    reference = SparsityMasks(unquantized)
+    model = add_sparse_lora(load_in_4bit(tiny_pruned_dir), lora_config(4, 8, 0.0, ["all-linear"]))
+    masks = SparsityMasks(model)  # read through the 4-bit codes, which keep the pruned zeros
+    assert masks.violations() == {} and all(torch.equal(masks.masks[f"base_model.model.{name}.base_layer"].dense(),
+                                                        mask.dense()) for name, mask in reference.masks.items())
+    SparseLoraTrainer(model=model, args=training_args(tmp_path / "run"), train_dataset=token_dataset()).train()
+    assert merge_lora.update_on_pruned_blocks(model, masks)["pruned_weights_a_plain_merge_would_change"] > 0
+
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0))
+    update = q_proj.get_delta_weight("default")  # s * B @ A, masked
+    torch.testing.assert_close(q_proj(x), q_proj.base_layer(x) + x @ update.T)  # the 4-bit base's own kernel
+    with pytest.raises(UserError, match="merges into the pruned model unquantized"):
+        model.merge_and_unload()
+
+    model.save_pretrained(tmp_path / "adapter")
+    plain = get_peft_model(copy.deepcopy(unquantized), model.peft_config["default"])
+    set_peft_model_state_dict(plain, get_peft_model_state_dict(model))
+    assert reference.violations(plain.merge_and_unload())  # PEFT's own merge fills the pruned blocks
+    merged = merge_lora.merge(argparse.Namespace(pruned_model=str(tiny_pruned_dir), adapter=str(tmp_path / "adapter"),
+                                                 output_dir=str(tmp_path / "merged"), torch_dtype="float32"))
+    assert merged["violations"] == 0
+    assert reference.violations(AutoModelForCausalLM.from_pretrained(tmp_path / "merged")) == {}
