@@ -9,7 +9,9 @@ the pruned model, not from the adapter.
 The masked update is folded into the weight for one matmul per layer (``MaskedLoraFunction``):
 only ``x``, ``A`` and ``B`` are kept for backward, and the effective weight is recomputed there.
 In bf16 the forward therefore computes with ``W + s * M * (B @ A)`` rounded to bf16, exactly
-what the merged bf16 model computes.
+what the merged bf16 model computes. On a 4-bit base (QLoRA) the base layer keeps its own kernel and
+the masked update is added beside it; such an adapter merges into the unquantized pruned model
+(``python -m dense_ft.merge_lora``).
 """
 
 import dataclasses
@@ -115,7 +117,7 @@ class MaskedLoraLinear(LoraLinear):
                 result = MaskedLoraFunction.apply(x, base.weight, lora_A, lora_B, self.scaling[name], self.pruned)
                 if base.bias is not None:
                     result = result + base.bias
-            else:  # dropout sees only the adapter's input (and a 4-bit base has its own kernel): the update apart
+            else:  # the update in a matmul of its own: dropout sees only its input, a 4-bit base has its own kernel
                 if result is None:
                     result = base(x)
                 result = result + MaskedLoraFunction.apply(dropout(x), None, lora_A, lora_B, self.scaling[name],
