@@ -7,9 +7,10 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
+from test_sparse_lora import load_in_4bit
 from test_sparse_trainer import assert_pruned_weights_zero, pruned_tiny_model, token_dataset, training_args
 from tiny_models import tiny_llama, zero_random_blocks
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig, Trainer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Trainer
 from trl import (
     DistillationConfig,
     DistillationTrainer,
@@ -160,9 +161,8 @@ def train_and_check_the_policy(trainer, pruned_dir):
 
 def test_qlora_through_sft_trainers_peft_config_is_sparse_lora_that_merges_sparse(tmp_path, tiny_pruned_dir,
                                                                                     embedded_corpus_dir, tokenizer):
-    model = AutoModelForCausalLM.from_pretrained(tiny_pruned_dir, device_map="cpu", quantization_config=(
-        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)))
-    trainer = SparseSFTTrainer(model=model, args=sft_config(tmp_path / "run", learning_rate=1e-2),
+    trainer = SparseSFTTrainer(model=load_in_4bit(tiny_pruned_dir),
+                               args=sft_config(tmp_path / "run", learning_rate=1e-2),
                                peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
                                train_dataset=chat_dataset(embedded_corpus_dir), processing_class=tokenizer)
     adapted = [module for module in trainer.model.modules() if isinstance(module, MaskedLoraLinear)]
