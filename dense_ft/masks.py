@@ -352,8 +352,9 @@ class SparsityMasks:
         optimizer step can change (a PEFT model's frozen base weights are left as they are)."""
         # The parameters themselves: ``.data`` would make a new tensor per matrix per pass, 0.5-0.9 ms of a 4 ms
         # CPU pass over the embedded default's 210 matrices.
+        # A 4-bit weight (QLoRA's base) never trains and holds packed codes: no pass writes it.
         apply_masks_((local_tensor(weight), mask) for _, weight, mask in self._weights_and_masks()
-                     if (weight.requires_grad or not trainable_only) and not is_4bit(weight))
+                     if (weight.requires_grad if trainable_only else not is_4bit(weight)))
 
     @torch.no_grad()
     def apply_to_grads(self) -> None:

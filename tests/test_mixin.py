@@ -6,7 +6,7 @@ from argparse import Namespace
 import pytest
 import torch
 from datasets import Dataset
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from test_sparse_lora import load_in_4bit
 from test_sparse_trainer import assert_pruned_weights_zero, pruned_tiny_model, token_dataset, training_args
 from tiny_models import tiny_llama, zero_random_blocks
@@ -152,7 +152,7 @@ def train_and_check_the_policy(trainer, pruned_dir):
     """Train; the policy (merged, for LoRA) keeps every pruned weight zero and has moved."""
     assert len(trainer.masks) == 14
     trainer.train()
-    policy = trainer.model.merge_and_unload() if hasattr(trainer.model, "merge_and_unload") else trainer.model
+    policy = trainer.model.merge_and_unload() if isinstance(trainer.model, PeftModel) else trainer.model
     original = AutoModelForCausalLM.from_pretrained(pruned_dir)
     assert SparsityMasks(original).violations(policy) == {}
     assert not torch.equal(original.model.layers[0].mlp.down_proj.weight, policy.model.layers[0].mlp.down_proj.weight)
