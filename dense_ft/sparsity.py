@@ -4,6 +4,7 @@ The pruned weights are the decoder layers' ``nn.Linear`` weights (attention and 
 projections); embeddings and ``lm_head`` are never pruned, as in Wanda.
 """
 
+import copy
 import math
 import re
 
@@ -50,10 +51,22 @@ def weight_values(weight: torch.Tensor) -> torch.Tensor:
     """A linear weight's values as a matrix: this process's shard, or a 4-bit weight dequantized (its codes keep
     exact zeros: a pruned block of the loaded model reads back as zeros)."""
     if is_4bit(weight):
-        from bitsandbytes.functional import dequantize_4bit
-
-        return dequantize_4bit(weight.data, weight.quant_state)
+        return _dequantized_4bit(weight)
     return local_tensor(weight.detach())
+
+
+def _dequantized_4bit(weight: torch.Tensor) -> torch.Tensor:
+    from bitsandbytes import functional as bnb
+
+    codes, state = weight.data, weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        # An inference forward on a CPU with AVX512-BF16 repacks the codes in place, and its scales as a (blocks of
+        # a row, rows) bf16 grid: read them back in the standard layout, on copies (bitsandbytes 0.50's own inverse
+        # leaves the scales of an unnested state in that grid).
+        codes, state = bnb._convert_weight_packed_for_cpu_inverse(codes, copy.copy(state))
+        if not state.nested:
+            state.absmax = state.absmax.T.reshape(-1).float()
+    return bnb.dequantize_4bit(codes, state)
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:

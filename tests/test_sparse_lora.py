@@ -330,6 +330,10 @@ def test_qlora_on_the_4bit_pruned_model_trains_masked_and_merges_sparse_into_the
         model.merge_and_unload()
 
     model.save_pretrained(tmp_path / "adapter")
+    reloaded = load_sparse_lora(load_in_4bit(tiny_pruned_dir), tmp_path / "adapter")  # to train on, or evaluate
+    with torch.no_grad():  # inference: on a CPU with AVX512-BF16, bitsandbytes repacks the 4-bit codes in place
+        torch.testing.assert_close(reloaded.eval()(INPUT).logits, model.eval()(INPUT).logits)
+    assert masks.violations() == {} and SparsityMasks(reloaded).violations() == {}  # read through the new layout
     plain = get_peft_model(copy.deepcopy(unquantized), model.peft_config["default"])
     set_peft_model_state_dict(plain, get_peft_model_state_dict(model))
     assert reference.violations(plain.merge_and_unload())  # PEFT's own merge fills the pruned blocks
