@@ -311,6 +311,10 @@ class SparsityMasks:
             self.stray_zeros = zeros
             for name in scattered:
                 del self.masks[name]
+        elif any(is_4bit(self.linears[name].weight) for name in scattered):
+            raise UserError(f"the model has no {PATTERN_KEY} and {zeros:,} scattered zero weights, which in 4-bit "
+                            "cannot be told from the zeros its codes make of small weights (nf4: about 10% of a "
+                            "dense model's): load it unquantized, or give it the pattern (main_block.py records it)")
 
     def _share_masks_with_copies(self) -> None:
         """A PEFT ``modules_to_save`` copy of a pruned weight is that weight trained whole: it takes the mask of

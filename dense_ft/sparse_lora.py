@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from .errors import UserError, first_line
 from .masks import Mask, SparsityMasks
 from .modeling import looks_like_local_path
-from .sparsity import is_4bit
+from .sparsity import is_4bit, pin_standard_4bit_layout
 
 LLAMA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The initializations that leave the base weight as it is: PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA subtract the
@@ -143,7 +143,9 @@ def sparse_lora_config(config: LoraConfig) -> LoraConfig:
 
 
 def attach_masks(peft_model: PeftModel, masks: SparsityMasks) -> PeftModel:
-    """Give every sparse-LoRA layer the mask of its base weight; refuse any other adapter on a pruned weight."""
+    """Give every sparse-LoRA layer the mask of its base weight; refuse any other adapter on a pruned weight. A 4-bit
+    base (QLoRA) is kept in bitsandbytes' standard layout (``pin_standard_4bit_layout``)."""
+    pin_standard_4bit_layout(peft_model)
     by_base_layer = {masks.linears[name]: mask for name, mask in masks.masks.items()}
     for name, module in peft_model.named_modules():
         if isinstance(module, MaskedLoraLinear):

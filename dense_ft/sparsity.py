@@ -58,15 +58,37 @@ def weight_values(weight: torch.Tensor) -> torch.Tensor:
 def _dequantized_4bit(weight: torch.Tensor) -> torch.Tensor:
     from bitsandbytes import functional as bnb
 
-    codes, state = weight.data, weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):
-        # An inference forward on a CPU with AVX512-BF16 repacks the codes in place, and its scales as a (blocks of
-        # a row, rows) bf16 grid: read them back in the standard layout, on copies (bitsandbytes 0.50's own inverse
-        # leaves the scales of an unnested state in that grid).
-        codes, state = bnb._convert_weight_packed_for_cpu_inverse(codes, copy.copy(state))
-        if not state.nested:
-            state.absmax = state.absmax.T.reshape(-1).float()
-    return bnb.dequantize_4bit(codes, state)
+    return bnb.dequantize_4bit(*_standard_4bit_layout(weight.data, weight.quant_state))
+
+
+def _standard_4bit_layout(codes: torch.Tensor, state):
+    """A 4-bit weight's codes and state in bitsandbytes' standard layout: new ones if it was repacked for the CPU.
+
+    An inference forward on a CPU with AVX512-BF16 repacks the codes in place, and the scales as a (blocks of a
+    row, rows) bf16 grid. bitsandbytes 0.50's own inverse leaves the scales of an unnested state in that grid.
+    """
+    if not getattr(state, "packing_format_for_cpu", False):
+        return codes, state
+    from bitsandbytes import functional as bnb
+
+    codes, state = bnb._convert_weight_packed_for_cpu_inverse(codes, copy.copy(state))
+    if not state.nested:
+        state.absmax = state.absmax.T.reshape(-1).float()
+    return codes, state
+
+
+def pin_standard_4bit_layout(model: nn.Module) -> None:
+    """Keep every 4-bit weight of ``model`` in the standard layout, restoring any that was repacked for the CPU.
+
+    Once repacked (an inference forward on a CPU with AVX512-BF16), bitsandbytes 0.50 unpacks a weight in place at
+    its next ``state_dict()`` (every checkpoint save) with its scales in the wrong order, and from then on the
+    model computes with scrambled weights.
+    """
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and is_4bit(weight):
+            module.support_avx512bf16_for_cpu = False
+            weight.data, weight.quant_state = _standard_4bit_layout(weight.data, weight.quant_state)
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:

@@ -21,7 +21,7 @@ from dense_ft.errors import UserError
 from dense_ft.masks import SparsityMasks
 from dense_ft.sparse_lora import LLAMA_TARGET_MODULES, MaskedLoraLinear, add_sparse_lora, load_sparse_lora, lora_config
 from dense_ft.sparse_trainer import SparseLoraTrainer
-from dense_ft.sparsity import prunable_linears
+from dense_ft.sparsity import pin_standard_4bit_layout, prunable_linears, weight_values
 
 INPUT = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))
 
@@ -306,9 +306,10 @@ def test_an_adapter_of_another_model_is_refused_not_merged_in_part(config_class,
     assert not (tmp_path / "merged").exists()
 
 
-def load_in_4bit(model_dir):
+def load_in_4bit(model_dir, nested=False):
     return AutoModelForCausalLM.from_pretrained(model_dir, device_map="cpu", quantization_config=BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_use_double_quant=nested))
 
 
 def test_qlora_on_the_4bit_pruned_model_trains_masked_and_merges_sparse_into_the_unquantized_one(tmp_path,
@@ -331,9 +332,9 @@ def test_qlora_on_the_4bit_pruned_model_trains_masked_and_merges_sparse_into_the
 
     model.save_pretrained(tmp_path / "adapter")
     reloaded = load_sparse_lora(load_in_4bit(tiny_pruned_dir), tmp_path / "adapter")  # to train on, or evaluate
-    with torch.no_grad():  # inference: on a CPU with AVX512-BF16, bitsandbytes repacks the 4-bit codes in place
+    with torch.no_grad():
         torch.testing.assert_close(reloaded.eval()(INPUT).logits, model.eval()(INPUT).logits)
-    assert masks.violations() == {} and SparsityMasks(reloaded).violations() == {}  # read through the new layout
+    assert masks.violations() == {} and SparsityMasks(reloaded).violations() == {}
     plain = get_peft_model(copy.deepcopy(unquantized), model.peft_config["default"])
     set_peft_model_state_dict(plain, get_peft_model_state_dict(model))
     assert reference.violations(plain.merge_and_unload())  # PEFT's own merge fills the pruned blocks
@@ -341,3 +342,49 @@ def test_qlora_on_the_4bit_pruned_model_trains_masked_and_merges_sparse_into_the
                                                  output_dir=str(tmp_path / "merged"), torch_dtype="float32"))
     assert merged["violations"] == 0
     assert reference.violations(AutoModelForCausalLM.from_pretrained(tmp_path / "merged")) == {}
+
+
+def test_a_4bit_model_without_a_pattern_keeps_its_zero_blocks_and_refuses_scattered_zeros(tmp_path,
+                                                                                          tiny_pruned_dir):
+    # nf4 rounds small weights to zero (8% of the tiny model's kept weights): whole zero blocks are still
+    # pruning, scattered zeros can no longer be told from the codes'.
+    unpatterned = tmp_path / "unpatterned"
+    shutil.copytree(tiny_pruned_dir, unpatterned)
+    config_file = unpatterned / "config.json"
+    config_file.write_text(json.dumps({key: value for key, value in json.loads(config_file.read_text()).items()
+                                       if key != "sparsity_pattern"}))
+    unquantized = SparsityMasks(AutoModelForCausalLM.from_pretrained(unpatterned))
+    quantized = SparsityMasks(load_in_4bit(unpatterned))
+    assert quantized.source == unquantized.source == "zeros" and quantized.masks.keys() == unquantized.masks.keys()
+    assert all(torch.equal(quantized.masks[name].dense(), mask.dense()) for name, mask in unquantized.masks.items())
+
+    tiny_llama().save_pretrained(tmp_path / "dense")  # no exact zero unquantized
+    assert SparsityMasks(AutoModelForCausalLM.from_pretrained(tmp_path / "dense")).source == "none"
+    with pytest.raises(UserError, match="in 4-bit cannot be told from the zeros its codes make of small weights"):
+        SparsityMasks(load_in_4bit(tmp_path / "dense"))
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["scales", "nested scales"])
+def test_4bit_weights_repacked_for_cpu_inference_read_right_and_are_pinned_back_to_the_standard_layout(
+        tiny_pruned_dir, nested):
+    model = load_in_4bit(tiny_pruned_dir, nested)
+    linears = prunable_linears(model)
+    values = {name: weight_values(linear.weight).clone() for name, linear in linears.items()}
+    with torch.no_grad():
+        model.eval()(INPUT)  # on a CPU with AVX512-BF16, bitsandbytes repacks every 4-bit weight in place
+    if not any(getattr(linear.weight.quant_state, "packing_format_for_cpu", False) for linear in linears.values()):
+        pytest.skip("bitsandbytes does not repack 4-bit weights on this CPU (no AVX512-BF16)")
+
+    def assert_values_kept():  # up to the repacked scales' bf16 rounding
+        for name, linear in linears.items():
+            torch.testing.assert_close(weight_values(linear.weight), values[name], rtol=0, atol=1e-3)
+
+    assert_values_kept()
+    assert SparsityMasks(model).violations() == {}
+    pin_standard_4bit_layout(model)
+    model.state_dict()  # a checkpoint save: bitsandbytes' own unpacking would leave the scales in the wrong order
+    assert not any(getattr(linear.weight.quant_state, "packing_format_for_cpu", False) for linear in linears.values())
+    assert_values_kept()
+    with torch.no_grad():
+        model.eval()(INPUT)  # pinned: not repacked again
+    assert_values_kept()
