@@ -19,6 +19,7 @@ nothing as final.
 """
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -33,6 +34,7 @@ from itertools import chain
 from datasets import DatasetDict
 from peft import get_peft_model
 from transformers import (
+    BitsAndBytesConfig,
     HfArgumentParser,
     Trainer,
     TrainerCallback,
@@ -65,12 +67,13 @@ from dense_ft.errors import UserError, exit_on_user_error, first_line
 from dense_ft.hub import create_hub_repo, push_output_dir
 from dense_ft.interrupt import StopOnSignal
 from dense_ft.masks import DEFAULT_BLOCK_SIZE, BlockMask, SparsityMasks
+from dense_ft.merge_lora import merge
 from dense_ft.model_card import write_model_card
 from dense_ft.modeling import DTYPES, load_model
 from dense_ft.output_dir import check_not_an_input, locked_output_dir
 from dense_ft.sparse_lora import LLAMA_TARGET_MODULES, lora_config, sparse_lora_config
 from dense_ft.sparse_trainer import SparseLoraTrainer, SparseTrainer, check_sparsity, check_steps_after_backward
-from dense_ft.sparsity import PATTERN_KEY
+from dense_ft.sparsity import PATTERN_KEY, is_4bit
 from dense_ft.text import hold_out_validation, load_corpus, load_text_files, load_wikitext_dir
 
 INTERRUPTED_EXIT_CODE = 130
@@ -80,6 +83,37 @@ INTERRUPTED_EXIT_CODE = 130
 class ModelArguments:
     model_name_or_path: str = field(metadata={"help": "Pruned model: a local directory or a Hub id."})
     torch_dtype: str = field(default="float32", metadata={"help": "Weight dtype.", "choices": list(DTYPES)})
+    load_in_4bit: bool = field(default=False, metadata={
+        "help": "Sparse QLoRA (with --lora): the pruned model's linear weights are loaded in 4-bit (bitsandbytes) "
+                "and the adapters train on them; at the end the adapter is merged into the pruned model "
+                "unquantized, in --torch_dtype."})
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit data type.", "choices": ["nf4", "fp4"]})
+    use_bnb_nested_quant: bool = field(default=False, metadata={
+        "help": "Quantize the 4-bit weights' scales as well (nested quantization): less memory."})
+
+    def validate(self, lora_args: "LoraArguments") -> None:
+        if self.use_bnb_nested_quant and not self.load_in_4bit:
+            raise UserError("--use_bnb_nested_quant goes with --load_in_4bit")
+        if not self.load_in_4bit:
+            return
+        if not lora_args.lora:
+            raise UserError("--load_in_4bit freezes the weights in 4-bit, where they cannot train: add --lora "
+                            "(sparse QLoRA)")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError("--load_in_4bit needs bitsandbytes: pip install bitsandbytes")
+
+    def loading_kwargs(self, device) -> dict:
+        """``from_pretrained``'s arguments for 4-bit weights quantized on this process's device (none without
+        --load_in_4bit)."""
+        if not self.load_in_4bit:
+            return {}
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=self.bnb_4bit_quant_type,
+                                    bnb_4bit_use_double_quant=self.use_bnb_nested_quant,
+                                    bnb_4bit_compute_dtype=DTYPES[self.torch_dtype])
+        return {"quantization_config": config, "device_map": {"": device}}
+
+    def describe_4bit(self) -> str:
+        return f"4-bit {self.bnb_4bit_quant_type}{' (nested)' if self.use_bnb_nested_quant else ''}"
 
 
 @dataclass
@@ -328,6 +362,8 @@ def run_identity(model_args: ModelArguments, data_args: DataArguments, lora_args
                 * args.gradient_accumulation_steps}
     if held_out:  # a key of its own, absent otherwise: the checkpoints of runs before it still resume
         identity["validation_split_percentage"] = data_args.validation_split_percentage
+    if model_args.load_in_4bit:  # likewise
+        identity["base_weights"] = model_args.describe_4bit()
     return identity
 
 
@@ -382,15 +418,22 @@ def check_json_type(flag: dataclasses.Field, value, path: str) -> None:
         raise UserError(f"{path}: {flag.name} must be a JSON {expected.__name__}, got {json.dumps(value)}")
 
 
-def print_start(trainer: SparseTrainer | SparseLoraTrainer, resume_from: str | None) -> None:
+def print_start(trainer: SparseTrainer | SparseLoraTrainer, resume_from: str | None,
+                model_args: ModelArguments) -> None:
     initial_sparsity = check_sparsity(trainer.model)
     if not trainer.is_world_process_zero():
         return
     print(f"*** Starting sparse {'LoRA' if isinstance(trainer, SparseLoraTrainer) else 'full'} fine-tuning ***")
-    print(f"Initial model sparsity: {initial_sparsity:.4f}")
+    if model_args.load_in_4bit:
+        print(f"Base weights: {model_args.describe_4bit()} (QLoRA); the adapter is merged into the unquantized "
+              "model at the end")
+        print(f"Initial model sparsity: {initial_sparsity:.4f} in 4-bit, whose codes make zeros of small weights too; "
+              f"pruned: {pruned_share(trainer.masks):.4f}")
+    else:
+        print(f"Initial model sparsity: {initial_sparsity:.4f}")
     describe_masks(trainer.masks)
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in trainer.model.parameters())
+    trainable = sum(parameter_count(p) for p in trainer.model.parameters() if p.requires_grad)
+    total = sum(parameter_count(p) for p in trainer.model.parameters())
     print(f"Trainable params: {trainable:,} || All params: {total:,} || Trainable%: {100 * trainable / total:.2f}")
     batch, world, accumulation = (trainer.args.per_device_train_batch_size, trainer.args.world_size,
                                   trainer.args.gradient_accumulation_steps)
@@ -402,6 +445,16 @@ def print_start(trainer: SparseTrainer | SparseLoraTrainer, resume_from: str | N
               f"{settings.distill_temperature:g}, weight {settings.distill_weight:g}")
     if resume_from:
         print(f"Resuming from checkpoint {resume_from}")
+
+
+def pruned_share(masks: SparsityMasks) -> float:
+    """The share of the prunable weights that the masks keep at zero."""
+    total = sum(linear.out_features * linear.in_features for linear in masks.linears.values())
+    return sum(mask.num_pruned for mask in masks.masks.values()) / total
+
+
+def parameter_count(parameter) -> int:
+    return parameter.quant_state.shape.numel() if is_4bit(parameter) else parameter.numel()
 
 
 def describe_masks(masks: SparsityMasks) -> None:
@@ -461,6 +514,7 @@ def build_trainer(model, lora_args: LoraArguments, teacher=None, distillation: D
 
 def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
         distill_args: DistillationArguments, training_args: SparseTrainingArguments) -> int:
+    model_args.validate(lora_args)
     lora_args.validate(training_args)
     data_args.validate()
     distill_args.validate(model_args.model_name_or_path)
@@ -478,7 +532,8 @@ def train_and_save(model_args: ModelArguments, data_args: DataArguments, lora_ar
                    distill_args: DistillationArguments, training_args: SparseTrainingArguments) -> int:
     resume_from = checkpoint_to_resume(training_args)
     raw, held_out = load_raw_text(data_args)
-    model, tokenizer = load_model(model_args.model_name_or_path, model_args.torch_dtype)
+    model, tokenizer = load_model(model_args.model_name_or_path, model_args.torch_dtype,
+                                  **model_args.loading_kwargs(training_args.device))
     identity = run_identity(model_args, data_args, lora_args, distill_args, training_args, model, held_out)
     if training_args.resume_from_checkpoint:
         check_resumable(resume_from, identity)
@@ -500,7 +555,7 @@ def train_and_save(model_args: ModelArguments, data_args: DataArguments, lora_ar
         callbacks=[PrintProgress(), stop_on_signal],
         nonfinite_patience=training_args.nonfinite_patience, run_identity=identity,
     )
-    print_start(trainer, resume_from)
+    print_start(trainer, resume_from, model_args)
     if trainer.is_world_process_zero() and training_args.save_strategy != "no":
         space_warning = check_free_space(training_args.output_dir, checkpoint_bytes(
             trainer.model, training_args.optim.value, lora_args.lora, training_args.save_only_model))
@@ -518,7 +573,7 @@ def train_and_save(model_args: ModelArguments, data_args: DataArguments, lora_ar
                 print(f"Training interrupted at step {trainer.state.global_step}: checkpoint saved to {checkpoint}. "
                       "Run the same command again to resume.", flush=True)
             return INTERRUPTED_EXIT_CODE
-        violations, final_sparsity = save_and_report(trainer, result.metrics)
+        violations, final_sparsity = save_and_report(trainer, result.metrics, model_args)
         if trainer.is_world_process_zero():
             write_finetuned_card(trainer, model_args, data_args, lora_args, distill_args, violations, final_sparsity)
             if training_args.push_to_hub and violations:
@@ -531,8 +586,7 @@ def train_and_save(model_args: ModelArguments, data_args: DataArguments, lora_ar
 
 
 def write_finetuned_card(trainer, model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
-                         distill_args: DistillationArguments, violations: dict[str, int],
-                         final_sparsity: float) -> None:
+                         distill_args: DistillationArguments, violations: int, final_sparsity: float) -> None:
     args = trainer.args
     data = (data_args.dataset_dir or data_args.train_file
             or f"{data_args.dataset_name} ({data_args.dataset_config_name})")
@@ -543,6 +597,9 @@ def write_finetuned_card(trainer, model_args: ModelArguments, data_args: DataArg
               "effective batch": args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps,
               "optimizer": args.optim.value, "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
               "weights": model_args.torch_dtype}
+    if model_args.load_in_4bit:
+        recipe["weights"] = (f"{model_args.describe_4bit()} in training, evaluated so; merged into the model in "
+                             f"{model_args.torch_dtype}")
     if lora_args.lora:
         recipe.update({"LoRA rank": lora_args.lora_r, "LoRA alpha": lora_args.lora_alpha,
                        "LoRA dropout": lora_args.lora_dropout, "LoRA modules": lora_args.lora_target_modules})
@@ -554,15 +611,18 @@ def write_finetuned_card(trainer, model_args: ModelArguments, data_args: DataArg
     results = {f"validation perplexity at step {record['step']}": perplexity(record["eval_loss"])
                for record in evaluations[:1] + evaluations[-1:]}
     sparsity = {"sparsity of the prunable weights": final_sparsity,
-                "pruned weights that are non-zero": sum(violations.values())}
+                "pruned weights that are non-zero": violations}
     write_model_card(args.output_dir, f"Sparse fine-tuning of {os.path.basename(model_args.model_name_or_path)}",
                      model_args.model_name_or_path, trainer.model.config, f"Training text: {data}.", recipe, results,
                      sparsity)
 
 
-def save_final_model(trainer: SparseTrainer | SparseLoraTrainer) -> None:
+def save_final_model(trainer: SparseTrainer | SparseLoraTrainer, model_args: ModelArguments) -> dict | None:
+    """Save the final model; a 4-bit run's merge report, on the main process."""
     output_dir = trainer.args.output_dir
     try:
+        if model_args.load_in_4bit:
+            return merge_into_unquantized(trainer, model_args)
         if isinstance(trainer, SparseLoraTrainer):
             trainer.save_merged_model()
         else:
@@ -575,28 +635,49 @@ def save_final_model(trainer: SparseTrainer | SparseLoraTrainer) -> None:
         if full is None:
             raise
         raise full from error
+    return None
 
 
-def save_and_report(trainer: SparseTrainer | SparseLoraTrainer, train_metrics: dict) -> tuple[dict[str, int], float]:
-    """Save the model, state and metrics; print the final sparsity and evaluation; the violations and sparsity."""
+def merge_into_unquantized(trainer: SparseLoraTrainer, model_args: ModelArguments) -> dict | None:
+    """QLoRA's end: the adapter saved, then merged by the main process into the pruned model loaded unquantized on
+    the CPU (a merge into 4-bit weights would requantize them); the merge's report there, else None."""
+    trainer.save_model(_internal_call=True)  # to output_dir/adapter
+    report = None
+    if trainer.is_world_process_zero():
+        output_dir = trainer.args.output_dir
+        report = merge(model_args.model_name_or_path, os.path.join(output_dir, "adapter"), output_dir,
+                       model_args.torch_dtype)
+    trainer.accelerator.wait_for_everyone()
+    return report
+
+
+def save_and_report(trainer: SparseTrainer | SparseLoraTrainer, train_metrics: dict,
+                    model_args: ModelArguments) -> tuple[int, float]:
+    """Save the model, state and metrics; print the final sparsity and evaluation; the saved model's pruned weights
+    that are non-zero, and its sparsity."""
     if trainer.is_fsdp_enabled:  # the final save is a normal HF directory, whatever the checkpoints are
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    save_final_model(trainer)
+    merged = save_final_model(trainer, model_args)
     trainer.save_state()
     trainer.log_metrics("train", train_metrics)
     trainer.save_metrics("train", train_metrics)
-    violations = trainer.masks.violations()
-    final_sparsity = check_sparsity(trainer.model)
+    if merged is not None:  # the model saved is not the one trained: its unquantized merge
+        violations, final_sparsity = merged["violations"], merged["sparsity"]
+    else:
+        violations, final_sparsity = sum(trainer.masks.violations().values()), check_sparsity(trainer.model)
     if trainer.is_world_process_zero():
         print(f"Final model sparsity: {final_sparsity:.4f}")
         print("Sparsity maintained: " + ("yes (every pruned weight is still zero)" if not violations else
-                                         f"NO ({sum(violations.values())} pruned weights are non-zero)"))
+                                         f"NO ({violations} pruned weights are non-zero)"))
     if trainer.eval_dataset is not None:
         save_initial_evaluation(trainer)
         metrics = final_evaluation(trainer)
         metrics["perplexity"] = perplexity(metrics["eval_loss"])
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics, combined=False)
+        if model_args.load_in_4bit and trainer.is_world_process_zero():
+            print(f"Evaluated: the model as trained, {model_args.describe_4bit()} weights with the adapter. The merged "
+                  f"model saved is unquantized: main_block.py --model {trainer.args.output_dir} evaluates it")
     if trainer.is_world_process_zero():
         print(f"Model saved to {trainer.args.output_dir}")
     return violations, final_sparsity

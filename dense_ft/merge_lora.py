@@ -28,6 +28,7 @@ from dense_ft.sparse_lora import (
     mask_pruned_weight_copies,
     pruned_weight_copies,
 )
+from dense_ft.sparsity import check_sparsity
 
 
 def adapter_updates(peft_model, masks: SparsityMasks):
@@ -59,28 +60,29 @@ def update_on_pruned_blocks(peft_model, masks: SparsityMasks) -> dict:
             "pruned_weights_a_plain_merge_would_change": touched}
 
 
-def check_paths(args) -> None:
+def check_paths(pruned_model: str, adapter: str, output_dir: str) -> None:
     """Before any work: an adapter, a pruned model that is not one, and an output that overwrites neither."""
-    check_adapter_source(args.adapter)
-    check_model_source(args.pruned_model)
-    check_output_path(args.output_dir, "output_dir")
-    check_not_an_input(args.output_dir, "output_dir", {"pruned_model": args.pruned_model, "adapter": args.adapter})
+    check_adapter_source(adapter)
+    check_model_source(pruned_model)
+    check_output_path(output_dir, "output_dir")
+    check_not_an_input(output_dir, "output_dir", {"pruned_model": pruned_model, "adapter": adapter})
 
 
-def merge(args) -> dict:
-    check_paths(args)
-    model, tokenizer = load_model(args.pruned_model, args.torch_dtype)
+def merge(pruned_model: str, adapter: str, output_dir: str, torch_dtype: str = "float32") -> dict:
+    """Merge ``adapter`` into ``pruned_model`` (unquantized, in ``torch_dtype``) and save it; the report."""
+    check_paths(pruned_model, adapter, output_dir)
+    model, tokenizer = load_model(pruned_model, torch_dtype)
     masks = SparsityMasks(model)
     if not masks:
-        raise UserError(f"{args.pruned_model} has no pruned weights: there is nothing for the mask to keep")
-    peft_model = load_lora_as_saved(model, args.adapter, masks)  # the copies as trained, for the report
-    report = {"pruned_model": args.pruned_model, "adapter": args.adapter, "output_dir": args.output_dir,
+        raise UserError(f"{pruned_model} has no pruned weights: there is nothing for the mask to keep")
+    peft_model = load_lora_as_saved(model, adapter, masks)  # the copies as trained, for the report
+    report = {"pruned_model": pruned_model, "adapter": adapter, "output_dir": output_dir,
               **update_on_pruned_blocks(peft_model, masks)}
     mask_pruned_weight_copies(peft_model, masks)
     merged = peft_model.merge_and_unload()
     violations = masks.violations(merged)
-    save_model(merged, tokenizer, args.output_dir)
-    return {**report, "violations": sum(violations.values())}
+    save_model(merged, tokenizer, output_dir)
+    return {**report, "violations": sum(violations.values()), "sparsity": check_sparsity(merged)}
 
 
 def print_report(report: dict) -> None:
@@ -102,7 +104,7 @@ def main(argv=None) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     with exit_on_user_error():
-        report = merge(args)
+        report = merge(args.pruned_model, args.adapter, args.output_dir, args.torch_dtype)
     exit_with_report(report, args.json, print_report)
 
 

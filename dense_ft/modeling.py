@@ -37,17 +37,18 @@ def _from_pretrained(auto_class, name: str, **kwargs):
                         f"({first_line(error)})") from error
 
 
-def load_weights(name: str, dtype: str = "float32"):
-    """A causal LM alone; errors (missing path, unreachable Hub) are one line."""
+def load_weights(name: str, dtype: str = "float32", **kwargs):
+    """A causal LM alone (``kwargs`` go to ``from_pretrained``); errors (missing path, unreachable Hub) are one
+    line."""
     check_model_source(name)
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    return _from_pretrained(AutoModelForCausalLM, name, dtype=DTYPES[dtype])
+    return _from_pretrained(AutoModelForCausalLM, name, dtype=DTYPES[dtype], **kwargs)
 
 
-def load_model(name: str, dtype: str = "float32", device: str | None = None):
+def load_model(name: str, dtype: str = "float32", device: str | None = None, **kwargs):
     """A causal LM and its tokenizer."""
-    model = load_weights(name, dtype)
+    model = load_weights(name, dtype, **kwargs)
     tokenizer = _from_pretrained(AutoTokenizer, name)
     if device:
         model.to(device)

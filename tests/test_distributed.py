@@ -20,21 +20,23 @@ def run_torchrun(*args, timeout=600):
                           timeout=timeout, stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
+METHOD_FLAGS = {"full": [], "lora": ["--lora"], "qlora": ["--lora", "--load_in_4bit"]}
+
+
+@pytest.mark.parametrize("method", METHOD_FLAGS)
 def test_ddp_on_two_processes_equals_one_process_with_the_same_effective_batch(method, tmp_path, tiny_pruned_dir,
                                                                                 small_corpus_dir):
     # Sequential order: shuffling with 1 or 2 processes gives different (equally valid) orders. The
     # accumulation is derived from the effective batch: 2 steps of 4 sequences, or of 2 x 2 processes.
     common = ["--max_steps", 4, "--save_strategy", "no", "--use_cpu", "true", "--max_eval_samples", 2,
-              "--train_sampling_strategy", "sequential", "--effective_batch_size", 8,
-              *(["--lora"] if method == "lora" else [])]
+              "--train_sampling_strategy", "sequential", "--effective_batch_size", 8, *METHOD_FLAGS[method]]
     single = run_python(*finetune_args(tiny_pruned_dir, small_corpus_dir, tmp_path / "single", *common,
                                        "--per_device_train_batch_size", 4))
     assert single.returncode == 0, single.stderr[-3000:]
     ddp = run_torchrun(*finetune_args(tiny_pruned_dir, small_corpus_dir, tmp_path / "ddp", *common,
                                       "--per_device_train_batch_size", 2))
     assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
-    assert ddp.stdout.count(f"*** Starting sparse {'LoRA' if method == 'lora' else 'full'} fine-tuning ***") == 1
+    assert ddp.stdout.count(f"*** Starting sparse {'full' if method == 'full' else 'LoRA'} fine-tuning ***") == 1
     assert "Effective batch size: 8 (per-device 4 x 1 process(es) x accumulation 2)" in single.stdout
     assert "Effective batch size: 8 (per-device 2 x 2 process(es) x accumulation 2)" in ddp.stdout
 

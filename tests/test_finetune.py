@@ -1,5 +1,6 @@
 """The fine-tuning entry point and the sparsity check, run as users run them."""
 
+import copy
 import importlib.util
 import json
 import math
@@ -26,7 +27,8 @@ from dense_ft.check_sparsity import main as check_sparsity_main
 from dense_ft.finetune import group_texts
 from dense_ft.finetune import main as finetune_main
 from dense_ft.masks import SparsityMasks
-from dense_ft.sparsity import prunable_linears
+from dense_ft.sparse_lora import load_sparse_lora
+from dense_ft.sparsity import check_sparsity, prunable_linears
 from dense_ft.wanda import prune_wanda_blocks
 
 FINETUNE = "dense_ft/finetune.py"
@@ -102,6 +104,8 @@ def test_sigint_saves_a_checkpoint_and_the_rerun_resumes(method, tmp_path, tiny_
     ({"--adam_beta1": "1"}, "--adam_beta1 must be in [0, 1), got 1.0"),
     ({"--max_grad_norm": "nan"}, "--max_grad_norm must be a number (0 or less: no clipping), got nan"),
     ({"--lora": "true", "--lora_alpha": "nan"}, "--lora needs --lora_r >= 1, a finite --lora_alpha > 0"),
+    ({"--load_in_4bit": "true"}, "--load_in_4bit freezes the weights in 4-bit, where they cannot train: add --lora"),
+    ({"--lora": "true", "--use_bnb_nested_quant": "true"}, "--use_bnb_nested_quant goes with --load_in_4bit"),
     ({"--teacher_model": "{tmp}/model", "--distill_temperature": "nan"},
      "distillation needs a finite --distill_temperature > 0"),
     ({"--bogus": "1"}, "Some specified arguments are not used by the HfArgumentParser: ['--bogus', '1']"),
@@ -125,6 +129,9 @@ def test_sigint_saves_a_checkpoint_and_the_rerun_resumes(method, tmp_path, tiny_
     pytest.param({"--report_to": "tensorboard"}, "--report_to: TensorBoardCallback requires tensorboard",
                  marks=pytest.mark.skipif(any(map(importlib.util.find_spec, ("tensorboard", "tensorboardX"))),
                                           reason="tensorboard is installed")),
+    pytest.param({"--lora": "true", "--load_in_4bit": "true"}, "--load_in_4bit needs bitsandbytes",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None,
+                                          reason="bitsandbytes is installed")),
     pytest.param({"--optim": "adamw_torch_8bit"}, "--optim adamw_torch_8bit: You need to have `torchao",
                  marks=pytest.mark.skipif(importlib.util.find_spec("torchao") is not None,
                                           reason="torchao is installed")),
@@ -375,6 +382,43 @@ def test_a_lora_run_resumes_exactly_and_saves_adapter_and_sparse_merged_model(tm
     assert f"Resuming from checkpoint {output / 'checkpoint-2'}" in rerun.stdout
     losses = [re.findall(r"^Step [34]: loss=\S+$", run.stdout, re.M) for run in (first, rerun)]
     assert len(losses[0]) == 2 and losses[0] == losses[1]
+
+
+def test_a_qlora_run_trains_on_4bit_weights_resumes_and_saves_its_adapter_merged_unquantized(tmp_path,
+                                                                                             tiny_pruned_dir,
+                                                                                             small_corpus_dir):
+    output = tmp_path / "qlora"
+    args = finetune_args(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 4, "--save_steps", 2, "--lora",
+                         "--lora_r", 4, "--load_in_4bit")
+    first = run_python(*args)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    pruned = AutoModelForCausalLM.from_pretrained(tiny_pruned_dir)
+    initial = re.search(r"^Initial model sparsity: (\S+) in 4-bit, .*; pruned: (\S+)$", first.stdout, re.M)
+    assert float(initial[2]) == round(check_sparsity(pruned), 4) < float(initial[1])  # nf4 makes zeros too
+    assert "Base weights: 4-bit nf4 (QLoRA)" in first.stdout and "Evaluated: the model as trained" in first.stdout
+
+    merged = AutoModelForCausalLM.from_pretrained(output)
+    assert getattr(merged.config, "quantization_config", None) is None
+    expected = load_sparse_lora(copy.deepcopy(pruned), output / "adapter").merge_and_unload()
+    assert all(torch.equal(weight, expected.state_dict()[name]) for name, weight in merged.state_dict().items())
+    assert SparsityMasks(pruned).violations(merged) == {}
+    q_proj = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged.state_dict()[q_proj], pruned.state_dict()[q_proj])
+    assert f"Final model sparsity: {check_sparsity(merged):.4f}" in first.stdout
+    check = check_sparsity_cli(output, "--reference", tiny_pruned_dir)
+    assert check.returncode == 0 and "non-zero: 0" in check.stdout
+    assert "| weights | 4-bit nf4 in training, evaluated so; merged into the model in float32 |" in (
+        output / "README.md").read_text()
+
+    shutil.rmtree(output / "checkpoint-4")  # as if the run had stopped after step 2
+    rerun = run_python(*args)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert f"Resuming from checkpoint {output / 'checkpoint-2'}" in rerun.stdout
+    losses = [re.findall(r"^Step [34]: loss=\S+$", run.stdout, re.M) for run in (first, rerun)]
+    assert len(losses[0]) == 2 and losses[0] == losses[1]
+    shutil.rmtree(output / "checkpoint-4")
+    unquantized = run_python(*args[:-1])  # the same run on unquantized weights: another run
+    assert unquantized.returncode == 2 and "belongs to another run" in unquantized.stderr.strip().splitlines()[-1]
 
 
 def test_lora_bad_settings_are_one_line(tmp_path, tiny_pruned_dir, small_corpus_dir):

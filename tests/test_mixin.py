@@ -1,7 +1,6 @@
 """SparseTrainingMixin keeps the pruned pattern in any Trainer subclass: TRL's SFT, DPO, GRPO, distillation and reward
 trainers, a user's own."""
 
-from argparse import Namespace
 
 import pytest
 import torch
@@ -170,8 +169,7 @@ def test_qlora_through_sft_trainers_peft_config_is_sparse_lora_that_merges_spars
     trainer.train()
     with pytest.warns(UserWarning, match="holds a sparse-LoRA adapter"):
         trainer.save_model()
-    report = merge(Namespace(pruned_model=str(tiny_pruned_dir), adapter=str(tmp_path / "run"),
-                             output_dir=str(tmp_path / "merged"), torch_dtype="float32"))
+    report = merge(str(tiny_pruned_dir), str(tmp_path / "run"), str(tmp_path / "merged"))
     assert report["pruned_weights_a_plain_merge_would_change"] > 0 and report["violations"] == 0
 
 

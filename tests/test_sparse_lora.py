@@ -1,6 +1,5 @@
 """Sparse LoRA: masked adapters train, merge and reload without touching a pruned block."""
 
-import argparse
 import copy
 import json
 import re
@@ -338,8 +337,7 @@ def test_qlora_on_the_4bit_pruned_model_trains_masked_and_merges_sparse_into_the
     plain = get_peft_model(copy.deepcopy(unquantized), model.peft_config["default"])
     set_peft_model_state_dict(plain, get_peft_model_state_dict(model))
     assert reference.violations(plain.merge_and_unload())  # PEFT's own merge fills the pruned blocks
-    merged = merge_lora.merge(argparse.Namespace(pruned_model=str(tiny_pruned_dir), adapter=str(tmp_path / "adapter"),
-                                                 output_dir=str(tmp_path / "merged"), torch_dtype="float32"))
+    merged = merge_lora.merge(str(tiny_pruned_dir), str(tmp_path / "adapter"), str(tmp_path / "merged"))
     assert merged["violations"] == 0
     assert reference.violations(AutoModelForCausalLM.from_pretrained(tmp_path / "merged")) == {}
 
