@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sparse fine-tuning of a Wanda-pruned model (16x16 blocks, 20% sparsity): every weight
-# trains with SparseTrainer (--method full), or sparse LoRA adapters do (--method lora);
-# either way the pruned weights stay exactly zero. See --help.
+# trains with SparseTrainer (--method full), or sparse LoRA adapters do (--method lora, or
+# qlora on the model loaded in 4-bit); either way the pruned weights stay exactly zero. See --help.
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -25,8 +25,9 @@ DATASET_CONFIG=${DATASET_CONFIG:-wikitext-2-raw-v1}
 DATASET_DIR=${DATASET_DIR:-}
 NUM_EPOCHS=${NUM_EPOCHS:-3}
 LEARNING_RATE=${LEARNING_RATE:-5e-5}
-# --method lora: its own output directory, and the learning rate LoRA recipes use.
+# --method lora and qlora: their own output directories, and the learning rate LoRA recipes use.
 LORA_OUTPUT_DIR=out/llama2_7b/block_16x16_20sparsity/wanda/lora_finetuned_model
+QLORA_OUTPUT_DIR=out/llama2_7b/block_16x16_20sparsity/wanda/qlora_finetuned_model
 LORA_LEARNING_RATE=2e-4
 BATCH_SIZE=${BATCH_SIZE:-1}
 BLOCK_SIZE=${BLOCK_SIZE:-1024}
@@ -67,8 +68,10 @@ Options:
   -h, --help          Show this help message
   --yes               Continue without asking when GPU memory looks insufficient
   --dry_run           Print the configuration and the command, then exit
-  --method M          full (default: every weight trains) or lora (sparse LoRA: rank-8
+  --method M          full (default: every weight trains), lora (sparse LoRA: rank-8
                       adapters masked by the pruned blocks, merged at the end; far less memory)
+                      or qlora (sparse LoRA on the pruned model loaded in 4-bit, merged into
+                      it unquantized at the end; the least memory)
   --engine E          ddp (default: a full replica per GPU) or fsdp (FSDP2: weights,
                       gradients and optimizer states sharded across GPUs)
   --nnodes N          Number of nodes, for multi-node torchrun (default: 1)
@@ -91,17 +94,18 @@ Performance:
 Environment variables (defaults in brackets):
   PRUNED_MODEL          pruned model directory [$PRUNED_MODEL]
   OUTPUT_DIR            output directory [$OUTPUT_DIR;
-                        lora: $LORA_OUTPUT_DIR]
+                        lora: $LORA_OUTPUT_DIR;
+                        qlora: $QLORA_OUTPUT_DIR]
   DATASET               Hub data set [$DATASET]
   DATASET_CONFIG        its configuration [$DATASET_CONFIG]
   DATASET_DIR           local corpus with wiki.{train,valid}.raw (replaces DATASET) [${DATASET_DIR:-unset}]
   NUM_EPOCHS            epochs [$NUM_EPOCHS]
-  LEARNING_RATE         learning rate [$LEARNING_RATE; lora: $LORA_LEARNING_RATE]
+  LEARNING_RATE         learning rate [$LEARNING_RATE; lora and qlora: $LORA_LEARNING_RATE]
   BATCH_SIZE            per-device batch size [$BATCH_SIZE]
   BLOCK_SIZE            tokens per sequence [$BLOCK_SIZE]
   MAX_TRAIN_SAMPLES     cap on training sequences [$MAX_TRAIN_SAMPLES]
   EFFECTIVE_BATCH_SIZE  batch x GPUs x accumulation [$EFFECTIVE_BATCH_SIZE]
-  METHOD                full or lora, as --method [$METHOD]
+  METHOD                full, lora or qlora, as --method [$METHOD]
   LOGGING_STEPS         steps between loss lines [$LOGGING_STEPS]
   SAVE_STEPS            steps between checkpoints [$SAVE_STEPS]
   OPTIM, OPTIM_ARGS     the Trainer's --optim and --optim_args [${OPTIM:-adamw_torch_fused}, ${OPTIM_ARGS:-unset}];
@@ -110,7 +114,7 @@ Environment variables (defaults in brackets):
   REPORT_TO             the Trainer's --report_to: none, tensorboard, wandb, ... [$REPORT_TO]
   TEACHER_MODEL         dense model to distill from (finetune.py --teacher_model; pass
                         -- --distill_loss kl|kl+ce|squarehead to choose the loss) [${TEACHER_MODEL:-unset}]
-  MIN_GPU_MEMORY_GB     free memory under which to warn [40 for full, 24 for lora]
+  MIN_GPU_MEMORY_GB     free memory under which to warn [40 for full, 24 for lora, 12 for qlora]
   ASSUME_YES=1          same as --yes
   PYTHON, TORCHRUN      the interpreters to run [$PYTHON, $TORCHRUN]
 
@@ -159,22 +163,28 @@ parse_args() {
 }
 
 apply_method_defaults() {
-    [[ $METHOD == full || $METHOD == lora ]] || die "--method must be full or lora, got '$METHOD'"
-    if [[ $METHOD == full ]]; then
-        METHOD_DESCRIPTION="Full fine-tuning with SparseTrainer"
-        MIN_GPU_MEMORY_GB=${MIN_GPU_MEMORY_GB:-40}
-        return
-    fi
-    METHOD_DESCRIPTION="Sparse LoRA (adapters masked by the pruned blocks, merged at the end)"
-    MIN_GPU_MEMORY_GB=${MIN_GPU_MEMORY_GB:-24}
-    [[ -n $OUTPUT_DIR_GIVEN ]] || OUTPUT_DIR=$LORA_OUTPUT_DIR
+    case $METHOD in
+        full)
+            METHOD_DESCRIPTION="Full fine-tuning with SparseTrainer"
+            MIN_GPU_MEMORY_GB=${MIN_GPU_MEMORY_GB:-40}
+            return ;;
+        lora)
+            METHOD_DESCRIPTION="Sparse LoRA (adapters masked by the pruned blocks, merged at the end)"
+            MIN_GPU_MEMORY_GB=${MIN_GPU_MEMORY_GB:-24}
+            [[ -n $OUTPUT_DIR_GIVEN ]] || OUTPUT_DIR=$LORA_OUTPUT_DIR ;;
+        qlora)
+            METHOD_DESCRIPTION="Sparse QLoRA (adapters masked by the pruned blocks on the model in 4-bit, merged into it unquantized at the end)"
+            MIN_GPU_MEMORY_GB=${MIN_GPU_MEMORY_GB:-12}
+            [[ -n $OUTPUT_DIR_GIVEN ]] || OUTPUT_DIR=$QLORA_OUTPUT_DIR ;;
+        *) die "--method must be full, lora or qlora, got '$METHOD'" ;;
+    esac
     [[ -n $LEARNING_RATE_GIVEN ]] || LEARNING_RATE=$LORA_LEARNING_RATE
 }
 
 validate_settings() {
     is_positive_int "$NUM_GPUS" || die "--num_gpus must be a positive integer, got '$NUM_GPUS'"
     [[ $ENGINE == ddp || $ENGINE == fsdp ]] || die "--engine must be ddp or fsdp, got '$ENGINE'"
-    [[ $METHOD == full || $ENGINE == ddp ]] || die "--method lora trains with DDP; --engine fsdp is for --method full"
+    [[ $METHOD == full || $ENGINE == ddp ]] || die "--method $METHOD trains with DDP; --engine fsdp is for --method full"
     is_positive_int "$NNODES" || die "--nnodes must be a positive integer, got '$NNODES'"
     if ! [[ $NODE_RANK =~ ^[0-9]+$ ]] || (( NODE_RANK >= NNODES )); then
         die "--node_rank must be an integer from 0 to $((NNODES - 1)), got '$NODE_RANK'"
@@ -305,11 +315,22 @@ Training Parameters:
 EOF
 }
 
-# The same run as sparse LoRA, as one command line: the user's settings, its own output directory.
-lora_command() {
-    local output_dir=$LORA_OUTPUT_DIR
-    [[ -z $OUTPUT_DIR_GIVEN ]] || output_dir=${OUTPUT_DIR%/}_lora
-    printf '%q ' "${USER_SETTINGS[@]}" "OUTPUT_DIR=$output_dir" bash "$0" --method lora "${ORIGINAL_ARGS[@]}"
+# The same run with --method $1 (lora or qlora), as one command line: the user's settings and
+# arguments but their --method, and an output directory of its own.
+method_command() {
+    local method=$1 output_dir=$LORA_OUTPUT_DIR args=()
+    [[ $method == lora ]] || output_dir=$QLORA_OUTPUT_DIR
+    [[ -z $OUTPUT_DIR_GIVEN ]] || output_dir=${OUTPUT_DIR%/}_$method
+    set -- "${ORIGINAL_ARGS[@]}"
+    while (( $# )); do
+        case $1 in
+            --) args+=("$@"); break ;;
+            --method) shift 2 ;;
+            --method=*) shift ;;
+            *) args+=("$1"); shift ;;
+        esac
+    done
+    printf '%q ' "${USER_SETTINGS[@]}" "OUTPUT_DIR=$output_dir" bash "$0" --method "$method" "${args[@]}"
 }
 
 # Prints free memory of every chosen GPU; asks (or, without a terminal, stops) when any is low.
@@ -324,7 +345,10 @@ check_gpu_memory() {
     echo "⚠️  Warning: GPU memory may be insufficient!"
     if [[ $METHOD == full ]]; then
         echo "Consider using LoRA fine-tuning instead. Sparse LoRA keeps the pruned blocks at zero; same settings:"
-        echo "  $(lora_command)"
+        echo "  $(method_command lora)"
+    elif [[ $METHOD == lora ]]; then
+        echo "Consider sparse QLoRA (the pruned model in 4-bit, merged unquantized at the end); same settings:"
+        echo "  $(method_command qlora)"
     fi
     if [[ $ASSUME_YES == 1 ]]; then
         echo "Continue anyway? (y/n) y (--yes)"
@@ -360,6 +384,7 @@ build_command() {
     [[ -z $OPTIM_ARGS ]] || finetune_args+=(--optim_args "$OPTIM_ARGS")
     finetune_args+=("${DATA_ARGS[@]}")
     [[ $METHOD == full ]] || finetune_args+=(--lora)
+    [[ $METHOD != qlora ]] || finetune_args+=(--load_in_4bit)
     [[ -z $TEACHER_MODEL ]] || finetune_args+=(--teacher_model "$TEACHER_MODEL")
     if (( USE_GPU )); then
         # The guide's recipe: bf16 weights and training, activations recomputed in backward.
@@ -411,11 +436,11 @@ choose_mode() {
 }
 
 print_start() {
-    if [[ $METHOD == full ]]; then
-        echo "🚀 Starting dense fine-tuning with SparseTrainer..."
-    else
-        echo "🚀 Starting sparse LoRA fine-tuning..."
-    fi
+    case $METHOD in
+        full) echo "🚀 Starting dense fine-tuning with SparseTrainer..." ;;
+        lora) echo "🚀 Starting sparse LoRA fine-tuning..." ;;
+        qlora) echo "🚀 Starting sparse QLoRA fine-tuning..." ;;
+    esac
     if (( USE_GPU )); then
         echo "Training mode: $NUM_GPUS GPU(s) on device(s): $GPU_IDS"
     else
@@ -427,7 +452,9 @@ print_start() {
 
 print_outcome() {
     local status=$1 finished="✅ Dense fine-tuning finished. Model saved to $OUTPUT_DIR"
-    [[ $METHOD == full ]] || finished="✅ Sparse LoRA fine-tuning finished. Merged model saved to $OUTPUT_DIR (adapter: $OUTPUT_DIR/adapter)"
+    local adapters=LoRA
+    [[ $METHOD != qlora ]] || adapters=QLoRA
+    [[ $METHOD == full ]] || finished="✅ Sparse $adapters fine-tuning finished. Merged model saved to $OUTPUT_DIR (adapter: $OUTPUT_DIR/adapter)"
     if (( status == 0 )); then
         cat <<EOF
 ==========================================

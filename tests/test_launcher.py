@@ -331,10 +331,24 @@ def test_method_lora_trains_sparse_lora_with_its_own_defaults(fake, tmp_path):
     assert "Sparse LoRA fine-tuning finished. Merged model saved to" in result.stdout
 
 
+def test_method_qlora_trains_sparse_lora_on_the_model_in_4bit(fake):
+    result = fake.run("--method", "qlora", OUTPUT_DIR="")
+    assert result.returncode == 0, result.stderr
+    assert ("Method: Sparse QLoRA (adapters masked by the pruned blocks on the model in 4-bit, merged into it "
+            "unquantized at the end)") in result.stdout
+    assert "🚀 Starting sparse QLoRA fine-tuning..." in result.stdout
+    assert "✅ Sparse QLoRA fine-tuning finished. Merged model saved to" in result.stdout
+    argv = fake.argv("python")
+    assert "--lora" in argv and "--load_in_4bit" in argv and flag_value(argv, "--learning_rate") == "2e-4"
+    assert flag_value(argv, "--output_dir") == "out/llama2_7b/block_16x16_20sparsity/wanda/qlora_finetuned_model"
+    assert flag_value(argv, "--torch_dtype") == "bfloat16"  # the 4-bit weights compute in bf16
+
+
 @pytest.mark.parametrize("args, message", [
-    (["--method", "qlora"], "--method must be full or lora, got 'qlora'"),
+    (["--method", "dora"], "--method must be full, lora or qlora, got 'dora'"),
     (["--method", "lora", "--engine", "fsdp", "--num_gpus", "2", "--gpu_ids", "0,1"],
      "--method lora trains with DDP"),
+    (["--method=qlora", "--engine=fsdp", "--num_gpus=2", "--gpu_ids=0,1"], "--method qlora trains with DDP"),
 ])
 def test_bad_method_is_refused(fake, args, message):
     result = fake.run(*args)
@@ -343,7 +357,7 @@ def test_bad_method_is_refused(fake, args, message):
 
 def test_the_low_memory_advice_is_the_lora_command_for_the_same_run(fake, tmp_path):
     settings = {"LEARNING_RATE": "1e-4", "DATASET_DIR": str(tmp_path)}
-    args = ["--num_gpus", "1", "--gpu_ids", "1", "--", "--max_steps", "5"]
+    args = ["--num_gpus", "1", "--method=full", "--gpu_ids", "1", "--", "--max_steps", "5"]
     full = fake.run(*args, gpus="81920,30000", **settings)  # 29 GB free: under full's 40, over LoRA's 24
     assert full.returncode == 1 and not fake.called()
     lines = full.stdout.splitlines()
@@ -380,3 +394,18 @@ def test_teacher_model_turns_on_distillation(fake, tmp_path):
     sharded = fake.run("--engine", "fsdp", "--num_gpus", "2", "--gpu_ids", "0,1", TEACHER_MODEL=str(teacher))
     assert sharded.returncode == 2 and "not --engine fsdp" in sharded.stderr
     assert fake.called() == {"python"}  # only the first run started anything
+
+
+def test_the_low_memory_advice_of_lora_is_the_qlora_command_for_the_same_run(fake, tmp_path):
+    args = ["--method", "lora", "--gpu_ids", "1", "--", "--max_steps", "5"]
+    lora = fake.run(*args, gpus="81920,20000", LEARNING_RATE="1e-4")  # 19 GB free: under LoRA's 24, over QLoRA's 12
+    assert lora.returncode == 1 and not fake.called()
+    lines = lora.stdout.splitlines()
+    advice = lines[lines.index("Consider sparse QLoRA (the pruned model in 4-bit, merged unquantized at the end); "
+                               "same settings:") + 1].strip()
+    qlora = subprocess.run(["bash", "-c", advice], cwd=tmp_path, env=fake.env(gpus="81920,20000"), text=True,
+                           capture_output=True, stdin=subprocess.DEVNULL, timeout=30)
+    assert qlora.returncode == 0 and "Warning" not in qlora.stdout, qlora.stdout + qlora.stderr
+    argv = fake.argv("python")
+    assert "--lora" in argv and "--load_in_4bit" in argv and flag_value(argv, "--learning_rate") == "1e-4"
+    assert flag_value(argv, "--output_dir") == str(tmp_path / "output dir_qlora") and argv[-2:] == ["--max_steps", "5"]
