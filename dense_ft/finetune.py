@@ -113,7 +113,7 @@ class ModelArguments:
         return {"quantization_config": config, "device_map": {"": device}}
 
     def describe_4bit(self) -> str:
-        return f"4-bit {self.bnb_4bit_quant_type}{' (nested)' if self.use_bnb_nested_quant else ''}"
+        return f"4-bit {self.bnb_4bit_quant_type}{' with nested quantization' if self.use_bnb_nested_quant else ''}"
 
 
 @dataclass
@@ -676,7 +676,7 @@ def save_and_report(trainer: SparseTrainer | SparseLoraTrainer, train_metrics: d
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics, combined=False)
         if model_args.load_in_4bit and trainer.is_world_process_zero():
-            print(f"Evaluated: the model as trained, {model_args.describe_4bit()} weights with the adapter. The merged "
+            print(f"Evaluated: the model as trained ({model_args.describe_4bit()}, with the adapter). The merged "
                   f"model saved is unquantized: main_block.py --model {trainer.args.output_dir} evaluates it")
     if trainer.is_world_process_zero():
         print(f"Model saved to {trainer.args.output_dir}")

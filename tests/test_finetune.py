@@ -44,7 +44,7 @@ def check_sparsity_cli(*args):
     return run_python("-m", "dense_ft.check_sparsity", *args, timeout=120)
 
 
-@pytest.mark.parametrize("method", [[], ["--lora"]], ids=["full", "lora"])
+@pytest.mark.parametrize("method", [[], ["--lora"], ["--lora", "--load_in_4bit"]], ids=["full", "lora", "qlora"])
 def test_sigint_saves_a_checkpoint_and_the_rerun_resumes(method, tmp_path, tiny_pruned_dir, small_corpus_dir):
     output = tmp_path / "run"
     args = finetune_args(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 400, "--save_steps", 1000, *method)
@@ -269,7 +269,7 @@ class FakeHub:
         return done if run_as_future else None
 
 
-@pytest.mark.parametrize("method", [[], ["--lora"]], ids=["full", "lora"])
+@pytest.mark.parametrize("method", [[], ["--lora"], ["--lora", "--load_in_4bit"]], ids=["full", "lora", "qlora"])
 def test_push_to_hub_sends_the_finished_output_dir_with_its_card_and_it_loads_sparse(method, tmp_path, tiny_pruned_dir,
                                                                                    small_corpus_dir, monkeypatch):
     hub = FakeHub(monkeypatch)
@@ -395,7 +395,8 @@ def test_a_qlora_run_trains_on_4bit_weights_resumes_and_saves_its_adapter_merged
     pruned = AutoModelForCausalLM.from_pretrained(tiny_pruned_dir)
     initial = re.search(r"^Initial model sparsity: (\S+) in 4-bit, .*; pruned: (\S+)$", first.stdout, re.M)
     assert float(initial[2]) == round(check_sparsity(pruned), 4) < float(initial[1])  # nf4 makes zeros too
-    assert "Base weights: 4-bit nf4 (QLoRA)" in first.stdout and "Evaluated: the model as trained" in first.stdout
+    assert "Base weights: 4-bit nf4 (QLoRA)" in first.stdout
+    assert "Evaluated: the model as trained (4-bit nf4, with the adapter)" in first.stdout
 
     merged = AutoModelForCausalLM.from_pretrained(output)
     assert getattr(merged.config, "quantization_config", None) is None
