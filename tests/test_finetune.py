@@ -357,6 +357,17 @@ def test_check_sparsity_counts_the_blocks_a_wanda_pruned_model_lost_without_a_re
     assert report["layers_that_lost_blocks"] == {"model.layers.1.mlp.down_proj": 1}
 
 
+def check_resumes_exactly_after_step_2(args, output, first):
+    """A 4-step run that saved every 2 steps, run again as if it had stopped after step 2: it resumes there and
+    logs the losses of steps 3 and 4 that ``first`` logged."""
+    shutil.rmtree(output / "checkpoint-4")
+    rerun = run_python(*args)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert f"Resuming from checkpoint {output / 'checkpoint-2'}" in rerun.stdout
+    losses = [re.findall(r"^Step [34]: loss=\S+$", run.stdout, re.M) for run in (first, rerun)]
+    assert len(losses[0]) == 2 and losses[0] == losses[1]
+
+
 def test_a_lora_run_resumes_exactly_and_saves_adapter_and_sparse_merged_model(tmp_path, tiny_pruned_dir,
                                                                               small_corpus_dir):
     output = tmp_path / "lora"
@@ -376,12 +387,7 @@ def test_a_lora_run_resumes_exactly_and_saves_adapter_and_sparse_merged_model(tm
     card = (output / "README.md").read_text()
     assert "| LoRA rank | 4 |" in card and "| pruned weights that are non-zero | 0 |" in card
 
-    shutil.rmtree(output / "checkpoint-4")  # as if the run had stopped after step 2
-    rerun = run_python(*args)
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert f"Resuming from checkpoint {output / 'checkpoint-2'}" in rerun.stdout
-    losses = [re.findall(r"^Step [34]: loss=\S+$", run.stdout, re.M) for run in (first, rerun)]
-    assert len(losses[0]) == 2 and losses[0] == losses[1]
+    check_resumes_exactly_after_step_2(args, output, first)
 
 
 def test_a_qlora_run_trains_on_4bit_weights_resumes_and_saves_its_adapter_merged_unquantized(tmp_path,
@@ -411,12 +417,7 @@ def test_a_qlora_run_trains_on_4bit_weights_resumes_and_saves_its_adapter_merged
     assert "| weights | 4-bit nf4 in training, evaluated so; merged into the model in float32 |" in (
         output / "README.md").read_text()
 
-    shutil.rmtree(output / "checkpoint-4")  # as if the run had stopped after step 2
-    rerun = run_python(*args)
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert f"Resuming from checkpoint {output / 'checkpoint-2'}" in rerun.stdout
-    losses = [re.findall(r"^Step [34]: loss=\S+$", run.stdout, re.M) for run in (first, rerun)]
-    assert len(losses[0]) == 2 and losses[0] == losses[1]
+    check_resumes_exactly_after_step_2(args, output, first)
     shutil.rmtree(output / "checkpoint-4")
     unquantized = run_python(*args[:-1])  # the same run on unquantized weights: another run
     assert unquantized.returncode == 2 and "belongs to another run" in unquantized.stderr.strip().splitlines()[-1]
