@@ -1,7 +1,6 @@
 """SparseTrainingMixin keeps the pruned pattern in any Trainer subclass: TRL's SFT, DPO, GRPO, distillation and reward
 trainers, a user's own."""
 
-
 import pytest
 import torch
 from datasets import Dataset
