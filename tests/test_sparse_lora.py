@@ -362,27 +362,32 @@ def test_a_4bit_model_without_a_pattern_keeps_its_zero_blocks_and_refuses_scatte
         SparsityMasks(load_in_4bit(tmp_path / "dense"))
 
 
+def is_repacked(linear) -> bool:
+    return getattr(linear.weight.quant_state, "packing_format_for_cpu", False)
+
+
 @pytest.mark.parametrize("nested", [False, True], ids=["scales", "nested scales"])
 def test_4bit_weights_repacked_for_cpu_inference_read_right_and_are_pinned_back_to_the_standard_layout(
         tiny_pruned_dir, nested):
     model = load_in_4bit(tiny_pruned_dir, nested)
-    linears = prunable_linears(model)
-    values = {name: weight_values(linear.weight).clone() for name, linear in linears.items()}
+    linears = prunable_linears(model).values()
+    values = [weight_values(linear.weight).clone() for linear in linears]
     with torch.no_grad():
         model.eval()(INPUT)  # on a CPU with AVX512-BF16, bitsandbytes repacks every 4-bit weight in place
-    if not any(getattr(linear.weight.quant_state, "packing_format_for_cpu", False) for linear in linears.values()):
+    if not any(map(is_repacked, linears)):
         pytest.skip("bitsandbytes does not repack 4-bit weights on this CPU (no AVX512-BF16)")
 
     def assert_values_kept():  # up to the repacked scales' bf16 rounding
-        for name, linear in linears.items():
-            torch.testing.assert_close(weight_values(linear.weight), values[name], rtol=0, atol=1e-3)
+        for linear, value in zip(linears, values, strict=True):
+            torch.testing.assert_close(weight_values(linear.weight), value, rtol=0, atol=1e-3)
 
     assert_values_kept()
     assert SparsityMasks(model).violations() == {}
     pin_standard_4bit_layout(model)
     model.state_dict()  # a checkpoint save: bitsandbytes' own unpacking would leave the scales in the wrong order
-    assert not any(getattr(linear.weight.quant_state, "packing_format_for_cpu", False) for linear in linears.values())
+    assert not any(map(is_repacked, linears))
     assert_values_kept()
     with torch.no_grad():
-        model.eval()(INPUT)  # pinned: not repacked again
+        model.eval()(INPUT)
+    assert not any(map(is_repacked, linears))  # pinned: not repacked again
     assert_values_kept()
