@@ -428,7 +428,7 @@ def print_start(trainer: SparseTrainer | SparseLoraTrainer, resume_from: str | N
         print(f"Base weights: {model_args.describe_4bit()} (QLoRA); the adapter is merged into the unquantized "
               "model at the end")
         print(f"Initial model sparsity: {initial_sparsity:.4f} in 4-bit, whose codes make zeros of small weights too; "
-              f"pruned: {pruned_share(trainer.masks):.4f}")
+              f"pruned: {trainer.masks.num_pruned / trainer.masks.num_weights:.4f}")
     else:
         print(f"Initial model sparsity: {initial_sparsity:.4f}")
     describe_masks(trainer.masks)
@@ -445,12 +445,6 @@ def print_start(trainer: SparseTrainer | SparseLoraTrainer, resume_from: str | N
               f"{settings.distill_temperature:g}, weight {settings.distill_weight:g}")
     if resume_from:
         print(f"Resuming from checkpoint {resume_from}")
-
-
-def pruned_share(masks: SparsityMasks) -> float:
-    """The share of the prunable weights that the masks keep at zero."""
-    total = sum(linear.out_features * linear.in_features for linear in masks.linears.values())
-    return sum(mask.num_pruned for mask in masks.masks.values()) / total
 
 
 def parameter_count(parameter) -> int:

@@ -306,8 +306,7 @@ class SparsityMasks:
     def _drop_stray_zeros(self) -> None:
         scattered = {name: mask for name, mask in self.masks.items() if isinstance(mask, ElementMask)}
         zeros = sum(mask.num_pruned for mask in scattered.values())
-        if not is_unstructured_pruning(zeros, sum(linear.out_features * linear.in_features
-                                                  for linear in self.linears.values())):
+        if not is_unstructured_pruning(zeros, self.num_weights):
             self.stray_zeros = zeros
             for name in scattered:
                 del self.masks[name]
@@ -402,6 +401,11 @@ class SparsityMasks:
     @property
     def num_pruned(self) -> int:
         return sum(mask.num_pruned for mask in self.masks.values())
+
+    @property
+    def num_weights(self) -> int:
+        """How many weights the prunable layers hold (a 4-bit one counted unpacked)."""
+        return sum(linear.out_features * linear.in_features for linear in self.linears.values())
 
 
 @torch.no_grad()
