@@ -169,10 +169,12 @@ apply_method_defaults() {
             MIN_GPU_MEMORY_GB=${MIN_GPU_MEMORY_GB:-40}
             return ;;
         lora)
+            ADAPTERS=LoRA
             METHOD_DESCRIPTION="Sparse LoRA (adapters masked by the pruned blocks, merged at the end)"
             MIN_GPU_MEMORY_GB=${MIN_GPU_MEMORY_GB:-24}
             [[ -n $OUTPUT_DIR_GIVEN ]] || OUTPUT_DIR=$LORA_OUTPUT_DIR ;;
         qlora)
+            ADAPTERS=QLoRA
             METHOD_DESCRIPTION="Sparse QLoRA (adapters masked by the pruned blocks on the model in 4-bit, merged into it unquantized at the end)"
             MIN_GPU_MEMORY_GB=${MIN_GPU_MEMORY_GB:-12}
             [[ -n $OUTPUT_DIR_GIVEN ]] || OUTPUT_DIR=$QLORA_OUTPUT_DIR ;;
@@ -436,11 +438,11 @@ choose_mode() {
 }
 
 print_start() {
-    case $METHOD in
-        full) echo "🚀 Starting dense fine-tuning with SparseTrainer..." ;;
-        lora) echo "🚀 Starting sparse LoRA fine-tuning..." ;;
-        qlora) echo "🚀 Starting sparse QLoRA fine-tuning..." ;;
-    esac
+    if [[ $METHOD == full ]]; then
+        echo "🚀 Starting dense fine-tuning with SparseTrainer..."
+    else
+        echo "🚀 Starting sparse $ADAPTERS fine-tuning..."
+    fi
     if (( USE_GPU )); then
         echo "Training mode: $NUM_GPUS GPU(s) on device(s): $GPU_IDS"
     else
@@ -452,9 +454,7 @@ print_start() {
 
 print_outcome() {
     local status=$1 finished="✅ Dense fine-tuning finished. Model saved to $OUTPUT_DIR"
-    local adapters=LoRA
-    [[ $METHOD != qlora ]] || adapters=QLoRA
-    [[ $METHOD == full ]] || finished="✅ Sparse $adapters fine-tuning finished. Merged model saved to $OUTPUT_DIR (adapter: $OUTPUT_DIR/adapter)"
+    [[ $METHOD == full ]] || finished="✅ Sparse $ADAPTERS fine-tuning finished. Merged model saved to $OUTPUT_DIR (adapter: $OUTPUT_DIR/adapter)"
     if (( status == 0 )); then
         cat <<EOF
 ==========================================
