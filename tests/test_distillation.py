@@ -8,6 +8,7 @@ import torch
 from datasets import Dataset
 from safetensors import safe_open
 from test_faults import finetune
+from test_sparse_lora import load_in_4bit
 from tiny_models import tiny_llama, zero_random_blocks
 from torch.nn import functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
@@ -21,6 +22,7 @@ from dense_ft.distillation import (
 )
 from dense_ft.errors import UserError
 from dense_ft.masks import SparsityMasks
+from dense_ft.merge_lora import merge
 from dense_ft.sparse_lora import LLAMA_TARGET_MODULES, add_sparse_lora, lora_config
 from dense_ft.sparsity import prunable_linears
 
@@ -57,10 +59,10 @@ def token_blocks(vocab_size: int, count: int = 8, length: int = 32) -> Dataset:
 
 
 @pytest.mark.parametrize("loss, method", [("kl", "full"), ("kl+ce", "full"), ("squarehead", "full"),
-                                          ("kl", "lora"), ("kl+ce", "lora")])
+                                          ("kl", "lora"), ("kl+ce", "lora"), ("kl+ce", "qlora")])
 def test_the_teacher_never_trains_and_the_sparsity_holds(loss, method, tmp_path, tiny_pruned_dir, teacher_dir):
-    student = AutoModelForCausalLM.from_pretrained(tiny_pruned_dir)
-    before = {name: linear.weight.detach().clone() for name, linear in prunable_linears(student).items()}
+    pruned = AutoModelForCausalLM.from_pretrained(tiny_pruned_dir)
+    student = load_in_4bit(tiny_pruned_dir) if method == "qlora" else pruned
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).requires_grad_(False).eval()
     teacher_before = {name: p.detach().clone() for name, p in teacher.state_dict().items()}
     args = TrainingArguments(tmp_path / "out", max_steps=2, save_steps=2, per_device_train_batch_size=2,
@@ -68,7 +70,8 @@ def test_the_teacher_never_trains_and_the_sparsity_holds(loss, method, tmp_path,
     kwargs = dict(args=args, train_dataset=token_blocks(student.config.vocab_size), teacher=teacher,
                   distillation=DistillationArguments(teacher_model=str(teacher_dir), distill_loss=loss,
                                                      distill_chunk_tokens=8))
-    reference = SparsityMasks(student)
+    reference = SparsityMasks(pruned)
+    before = {name: linear.weight.detach().clone() for name, linear in prunable_linears(pruned).items()}
     if method == "full":
         trainer = DistillingSparseTrainer(model=student, **kwargs)
     else:
@@ -87,7 +90,12 @@ def test_the_teacher_never_trains_and_the_sparsity_holds(loss, method, tmp_path,
     assert all(f"{term}_loss" in trainer.state.log_history[0] for term in ("ce", "kl"))
     assert ("squarehead_loss" in trainer.state.log_history[0]) == (loss == "squarehead")
 
-    model = trainer.model.merge_and_unload() if method == "lora" else student
+    if method == "qlora":  # merged into the unquantized model, as finetune.py does
+        trainer.model.save_pretrained(tmp_path / "adapter")
+        merge(str(tiny_pruned_dir), str(tmp_path / "adapter"), str(tmp_path / "merged"))
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    else:
+        model = trainer.model.merge_and_unload() if method == "lora" else student
     assert reference.violations(model) == {}
     assert any(not torch.equal(linear.weight, before[name]) for name, linear in prunable_linears(model).items())
 
