@@ -238,10 +238,12 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, tiny_pr
     """Real full disks: tmpfs mounts of a chosen size, in a user namespace of their own."""
     one_checkpoint = sum(f.stat().st_size for f in Path(tiny_pruned_dir).iterdir()) + 2 * (
         tiny_pruned_dir / "model.safetensors").stat().st_size
+    model_bytes = (tiny_pruned_dir / "model.safetensors").stat().st_size
     cases = {"too_small": one_checkpoint // 2, "second_save": one_checkpoint * 3 // 2,
-             "final_save": one_checkpoint + one_checkpoint // 4}
+             "final_save": one_checkpoint + one_checkpoint // 4, "qlora_merge": model_bytes // 2}
     args = {"too_small": ["--max_steps", 4, "--save_steps", 1], "second_save": ["--max_steps", 4, "--save_steps", 1],
-            "final_save": ["--max_steps", 1, "--save_steps", 1]}
+            "final_save": ["--max_steps", 1, "--save_steps", 1],
+            "qlora_merge": ["--max_steps", 1, "--save_steps", 1, "--lora", "--load_in_4bit"]}  # adapters fit
     script = []
     for case, size in cases.items():
         mount = tmp_path / case
@@ -268,13 +270,15 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, tiny_pr
     assert "the incomplete checkpoint was removed and the previous one kept" in last
     assert f"run/checkpoint-1/{MARKER}" in files and not any("checkpoint-2" in f for f in files)
 
-    status, last, files = outcome("final_save")
-    assert status == 2, last
-    assert last.startswith(f"error: no space left on the device while saving the final model to "
-                           f"{tmp_path}/final_save/run (")
-    assert last.endswith(f" free): {tmp_path}/final_save/run/checkpoint-1 is kept; free some space and run the "
-                         "same command again to resume from it and save the model")
-    assert f"run/checkpoint-1/{MARKER}" in files
+    for case in ("final_save", "qlora_merge"):  # the merged model of QLoRA is its final model
+        status, last, files = outcome(case)
+        assert status == 2, last
+        assert last.startswith(f"error: no space left on the device while saving the final model to "
+                               f"{tmp_path}/{case}/run (")
+        assert last.endswith(f" free): {tmp_path}/{case}/run/checkpoint-1 is kept; free some space and run the "
+                             "same command again to resume from it and save the model")
+        assert f"run/checkpoint-1/{MARKER}" in files
+    assert "run/adapter/adapter_model.safetensors" in outcome("qlora_merge")[2]  # the merge is what did not fit
 
 
 # 7. Silent assumptions.
