@@ -11,7 +11,8 @@ Which zeros are pruned: those of the blocks a model's ``sparsity_pattern`` names
 without one (pruned by another tool) is read from its zeros: whole zero 16x16 blocks are pruned
 blocks, and scattered zeros are unstructured pruning when they are at least
 ``UNSTRUCTURED_MIN_FRACTION`` of the prunable weights; below that they are the stray zeros of a
-dense model (0.03% in the embedded default) and stay trainable.
+dense model (0.03% in the embedded default) and stay trainable. Zeros like pruning in decoder
+weights that no ``nn.Linear`` holds (a MoE's fused experts) are refused: no mask covers them.
 """
 
 import re
@@ -29,6 +30,7 @@ from .sparsity import (
     is_4bit,
     is_sharded,
     local_tensor,
+    matrices_outside_linears,
     prunable_linears,
     pruned_block_count,
     sparsity_pattern,
@@ -255,6 +257,18 @@ def is_unstructured_pruning(element_zeros: int, prunable_weights: int) -> bool:
     return element_zeros >= UNSTRUCTURED_MIN_FRACTION * prunable_weights
 
 
+def check_no_pruning_outside_linears(model: nn.Module) -> None:
+    """Refuse, in one line, pruning in decoder weights that no ``nn.Linear`` holds (a MoE's fused experts, pruned
+    by another tool): no mask would cover those zeros, and fine-tuning would fill them."""
+    for name, matrix in matrices_outside_linears(model).items():
+        values = local_tensor(matrix.detach())
+        zeros = int((values == 0).sum())
+        if is_unstructured_pruning(zeros, values.numel()):
+            raise UserError(f"{name} {tuple(matrix.shape)} is {zeros / values.numel():.0%} exact zeros, outside the "
+                            "nn.Linear layers the masks cover (fused MoE experts pruned by another tool?): "
+                            "fine-tuning would fill them. The masks keep the pruning of nn.Linear weights only")
+
+
 class SparsityMasks:
     """The masks of a model's prunable weights, captured once from its zeros.
 
@@ -270,6 +284,7 @@ class SparsityMasks:
             if pattern is not None:
                 validate_pattern(pattern, "the model's config")
             block_size = pattern["block_size"] if pattern else None
+        check_no_pruning_outside_linears(model)
         self.block_size = block_size
         self.linears: dict[str, nn.Linear] = prunable_linears(model)
         self.masks: dict[str, Mask] = {}

@@ -30,10 +30,10 @@ def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
     }
 
 
-def matrices_outside_linears(model: nn.Module) -> dict[str, torch.Size]:
+def matrices_outside_linears(model: nn.Module) -> dict[str, nn.Parameter]:
     """The decoder layers' weight matrices that no ``nn.Linear`` holds (fused MoE experts, routers), by name."""
-    linear_weights = {id(linear.weight) for linear in prunable_linears(model).values()}
-    return {name: param.shape for name, param in model.named_parameters()
+    linear_weights = {id(module.weight) for module in model.modules() if isinstance(module, nn.Linear)}
+    return {name: param for name, param in model.named_parameters()
             if param.ndim >= 2 and _DECODER_LINEAR.search(name) and id(param) not in linear_weights}
 
 

@@ -72,9 +72,9 @@ def check_prunable(model: nn.Module, block_size: int, ratio: float) -> None:
     check_decoder_layout(model)
     outside = matrices_outside_linears(model)
     if outside:
-        name, shape = max(outside.items(), key=lambda item: item[1].numel())
-        raise UserError(f"{name} {tuple(shape)} and {len(outside) - 1} more weight(s) are not in nn.Linear layers "
-                        "(fused MoE experts?): Wanda block pruning covers the decoder's nn.Linear weights only, "
+        name, matrix = max(outside.items(), key=lambda item: item[1].numel())
+        raise UserError(f"{name} {tuple(matrix.shape)} and {len(outside) - 1} more weight(s) are not in nn.Linear "
+                        "layers (fused MoE experts?): Wanda block pruning covers the decoder's nn.Linear weights only, "
                         "and would leave these dense")
     for name, linear in prunable_linears(model).items():
         rows, cols = linear.weight.shape

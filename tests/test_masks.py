@@ -7,6 +7,7 @@ from accelerate import Accelerator
 from conftest import run_python
 from peft import LoraConfig, get_peft_model
 from tiny_models import BLOCK, tiny_llama, zero_random_blocks
+from transformers import MixtralConfig, MixtralForCausalLM
 
 from dense_ft.errors import UserError
 from dense_ft.masks import BlockMask, ElementMask, SparsityMasks, capture_mask
@@ -267,3 +268,20 @@ def test_a_wanda_pruned_model_whose_blocks_were_filled_is_refused():
     with pytest.raises(UserError, match=r"^14 of 14 prunable weights lost pruned blocks \(model\.layers\.0\.self_attn"
                                         r"\.q_proj: 3 of the 3 Wanda pruned are not zero\): the model was trained"):
         SparsityMasks(model)
+
+
+@pytest.mark.parametrize("experts_zeros", [0.0, 0.3])
+def test_pruned_fused_moe_experts_are_refused_and_dense_ones_train(experts_zeros):
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, num_local_experts=2))
+    pruned = zero_random_blocks(model)  # the attention projections, the model's only nn.Linear weights
+    down_proj = model.model.layers[1].mlp.experts.down_proj  # (experts, hidden, intermediate): no nn.Linear
+    with torch.no_grad():
+        down_proj[torch.rand(down_proj.shape, generator=torch.Generator().manual_seed(0)) < experts_zeros] = 0.0
+    if experts_zeros:
+        with pytest.raises(UserError, match=r"^model\.layers\.1\.mlp\.experts\.down_proj \(2, 64, 128\) is 30% exact "
+                                            r"zeros, outside the nn\.Linear layers the masks cover"):
+            SparsityMasks(model)
+    else:
+        assert SparsityMasks(model).masks.keys() == pruned.keys()
