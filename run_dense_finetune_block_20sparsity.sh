@@ -29,6 +29,8 @@ LEARNING_RATE=${LEARNING_RATE:-5e-5}
 LORA_OUTPUT_DIR=out/llama2_7b/block_16x16_20sparsity/wanda/lora_finetuned_model
 QLORA_OUTPUT_DIR=out/llama2_7b/block_16x16_20sparsity/wanda/qlora_finetuned_model
 LORA_LEARNING_RATE=2e-4
+# A teacher's share of the low-memory threshold: the guide's dense 7B in bf16 (12.6 GiB), with its activations.
+TEACHER_MEMORY_GB=14
 BATCH_SIZE=${BATCH_SIZE:-1}
 BLOCK_SIZE=${BLOCK_SIZE:-1024}
 MAX_TRAIN_SAMPLES=${MAX_TRAIN_SAMPLES:-30000}
@@ -114,7 +116,8 @@ Environment variables (defaults in brackets):
   REPORT_TO             the Trainer's --report_to: none, tensorboard, wandb, ... [$REPORT_TO]
   TEACHER_MODEL         dense model to distill from (finetune.py --teacher_model; pass
                         -- --distill_loss kl|kl+ce|squarehead to choose the loss) [${TEACHER_MODEL:-unset}]
-  MIN_GPU_MEMORY_GB     free memory under which to warn [40 for full, 24 for lora, 12 for qlora]
+  MIN_GPU_MEMORY_GB     free memory under which to warn [40 for full, 24 for lora, 12 for qlora;
+                        $TEACHER_MEMORY_GB more with TEACHER_MODEL]
   ASSUME_YES=1          same as --yes
   PYTHON, TORCHRUN      the interpreters to run [$PYTHON, $TORCHRUN]
 
@@ -163,24 +166,26 @@ parse_args() {
 }
 
 apply_method_defaults() {
+    local min_gb teacher_gb=0
+    [[ -z $TEACHER_MODEL ]] || teacher_gb=$TEACHER_MEMORY_GB
     case $METHOD in
         full)
             METHOD_DESCRIPTION="Full fine-tuning with SparseTrainer"
-            MIN_GPU_MEMORY_GB=${MIN_GPU_MEMORY_GB:-40}
-            return ;;
+            min_gb=40 ;;
         lora)
             ADAPTERS=LoRA
             METHOD_DESCRIPTION="Sparse LoRA (adapters masked by the pruned blocks, merged at the end)"
-            MIN_GPU_MEMORY_GB=${MIN_GPU_MEMORY_GB:-24}
+            min_gb=24
             [[ -n $OUTPUT_DIR_GIVEN ]] || OUTPUT_DIR=$LORA_OUTPUT_DIR ;;
         qlora)
             ADAPTERS=QLoRA
             METHOD_DESCRIPTION="Sparse QLoRA (adapters masked by the pruned blocks on the model in 4-bit, merged into it unquantized at the end)"
-            MIN_GPU_MEMORY_GB=${MIN_GPU_MEMORY_GB:-12}
+            min_gb=12
             [[ -n $OUTPUT_DIR_GIVEN ]] || OUTPUT_DIR=$QLORA_OUTPUT_DIR ;;
         *) die "--method must be full, lora or qlora, got '$METHOD'" ;;
     esac
-    [[ -n $LEARNING_RATE_GIVEN ]] || LEARNING_RATE=$LORA_LEARNING_RATE
+    MIN_GPU_MEMORY_GB=${MIN_GPU_MEMORY_GB:-$((min_gb + teacher_gb))}
+    [[ $METHOD == full || -n $LEARNING_RATE_GIVEN ]] || LEARNING_RATE=$LORA_LEARNING_RATE
 }
 
 validate_settings() {
@@ -345,6 +350,7 @@ check_gpu_memory() {
     done
     (( low )) || return 0
     echo "⚠️  Warning: GPU memory may be insufficient!"
+    [[ -z $TEACHER_MODEL ]] || echo "The teacher (TEACHER_MODEL) needs about $TEACHER_MEMORY_GB GB of it for a dense 7B in bf16."
     if [[ $METHOD == full ]]; then
         echo "Consider using LoRA fine-tuning instead. Sparse LoRA keeps the pruned blocks at zero; same settings:"
         echo "  $(method_command lora)"

@@ -396,6 +396,20 @@ def test_teacher_model_turns_on_distillation(fake, tmp_path):
     assert fake.called() == {"python"}  # only the first run started anything
 
 
+@pytest.mark.parametrize("method, free_mb", [("full", 50000), ("qlora", 20000)])
+def test_a_teacher_raises_the_low_memory_threshold_by_its_own_size(fake, tmp_path, method, free_mb):
+    teacher = tmp_path / "dense model"
+    teacher.mkdir()
+    args = ["--method", method, "--gpu_ids", "1"]
+    alone = fake.run(*args, gpus=f"81920,{free_mb}")  # over the method's threshold (40 GB, 12 GB), under it + 14 GB
+    assert alone.returncode == 0 and "Warning" not in alone.stdout, alone.stdout + alone.stderr
+    distilling = fake.run(*args, gpus=f"81920,{free_mb}", TEACHER_MODEL=str(teacher))
+    assert distilling.returncode == 1
+    assert ("⚠️  Warning: GPU memory may be insufficient!\nThe teacher (TEACHER_MODEL) needs about 14 GB of it for a "
+            "dense 7B in bf16.\n") in distilling.stdout
+    assert fake.run(*args, gpus=f"81920,{free_mb}", TEACHER_MODEL=str(teacher), MIN_GPU_MEMORY_GB="12").returncode == 0
+
+
 def test_the_low_memory_advice_of_lora_is_the_qlora_command_for_the_same_run(fake, tmp_path):
     args = ["--method", "lora", "--gpu_ids", "1", "--", "--max_steps", "5"]
     lora = fake.run(*args, gpus="81920,20000", LEARNING_RATE="1e-4")  # 19 GB free: under LoRA's 24, over QLoRA's 12
