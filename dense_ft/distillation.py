@@ -17,6 +17,7 @@ instead of kept. Evaluation stays the plain cross-entropy, so perplexities compa
 runs. Each logged step carries the cross-entropy and each distillation term.
 """
 
+import json
 import math
 import warnings
 from collections import defaultdict
@@ -26,13 +27,14 @@ import torch
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .modeling import DTYPES, load_model
 from .output_dir import same_directory
 from .sparse_trainer import SparseLoraTrainer, SparseTrainer
 from .sparsity import sparsity_pattern
 
 LOSSES = ("kl", "kl+ce", "squarehead")
+_PLACEMENT_KWARGS = {"dtype", "torch_dtype", "device_map"}  # the training's: one teacher per process, its precision
 
 
 @dataclass
@@ -46,9 +48,15 @@ class DistillationArguments:
         "help": "Weight of the KL in kl+ce, of the SquareHead term in squarehead."})
     distill_chunk_tokens: int = field(default=1024, metadata={
         "help": "Positions of teacher logits computed at once (bounds their memory)."})
+    teacher_model_init_kwargs: dict | str | None = field(default=None, metadata={
+        "help": "The teacher's from_pretrained keyword arguments, a JSON object, as TRL's: "
+                "'{\"quantization_config\": {\"load_in_4bit\": true}}' loads it in 4-bit (less memory, a teacher "
+                "less exact than the dense model). Its dtype and device are the training's."})
 
     def validate(self, student: str) -> None:
         if self.teacher_model is None:
+            if self.teacher_model_init_kwargs:
+                raise UserError("--teacher_model_init_kwargs goes with --teacher_model")
             return
         if same_directory(self.teacher_model, student):
             raise UserError(f"--teacher_model {self.teacher_model} is the model being fine-tuned: its KL to itself is "
@@ -57,6 +65,22 @@ class DistillationArguments:
                 or self.distill_chunk_tokens < 1):
             raise UserError("distillation needs a finite --distill_temperature > 0, a finite --distill_weight >= 0 "
                             "and --distill_chunk_tokens >= 1")
+        self.init_kwargs()
+
+    def init_kwargs(self) -> dict:
+        """``--teacher_model_init_kwargs`` as a dict; refuses what is not a JSON object, or sets the placement."""
+        kwargs = self.teacher_model_init_kwargs or {}
+        if isinstance(kwargs, str):
+            try:
+                kwargs = json.loads(kwargs)
+            except json.JSONDecodeError as error:
+                raise UserError(f"--teacher_model_init_kwargs is not valid JSON: {error}") from None
+        if not isinstance(kwargs, dict):
+            raise UserError(f"--teacher_model_init_kwargs must be a JSON object, got {json.dumps(kwargs)}")
+        if placement := sorted(_PLACEMENT_KWARGS & kwargs.keys()):
+            raise UserError(f"--teacher_model_init_kwargs cannot set {', '.join(placement)}: the teacher runs in the "
+                            "training precision, on each process's device")
+        return kwargs
 
 
 def load_teacher(args: DistillationArguments, student, student_tokenizer, training_args):
@@ -65,10 +89,16 @@ def load_teacher(args: DistillationArguments, student, student_tokenizer, traini
         raise UserError("--teacher_model with --fsdp is not supported: every rank would hold the whole teacher "
                         "unsharded; train with DDP (one teacher per GPU) or without a teacher")
     dtype = "bfloat16" if training_args.bf16 else "float16" if training_args.fp16 else _dtype_name(student)
-    teacher, tokenizer = load_model(args.teacher_model, dtype)
+    kwargs = args.init_kwargs()
+    try:  # loaded on the device it runs on: a quantized teacher is quantized there, and cannot move afterwards
+        teacher, tokenizer = load_model(args.teacher_model, dtype, device_map={"": training_args.device}, **kwargs)
+    except (ImportError, TypeError, ValueError) as error:
+        if not kwargs:
+            raise
+        raise UserError(f"--teacher_model_init_kwargs: {first_line(error)}") from None
     check_teacher(teacher, tokenizer, student, student_tokenizer, args.distill_loss)
     teacher.requires_grad_(False)
-    return teacher.eval().to(training_args.device)
+    return teacher.eval()
 
 
 def _dtype_name(model) -> str:

@@ -351,6 +351,8 @@ def run_identity(model_args: ModelArguments, data_args: DataArguments, lora_args
     distillation = {"teacher": _source(distill_args.teacher_model), "loss": distill_args.distill_loss,
                     "temperature": distill_args.distill_temperature,
                     "weight": distill_args.distill_weight} if distill_args.teacher_model else None
+    if distillation and distill_args.init_kwargs():  # (only when given: older checkpoints still resume)
+        distillation["init_kwargs"] = distill_args.init_kwargs()
     identity = {"model": _source(model_args.model_name_or_path), "weights": weights_fingerprint(model),
                 "data": _source(data_args.dataset_dir or data_args.train_file
                                 or f"{data_args.dataset_name}:{data_args.dataset_config_name}"),
@@ -441,8 +443,9 @@ def print_start(trainer: SparseTrainer | SparseLoraTrainer, resume_from: str | N
           f"accumulation {accumulation})")
     if getattr(trainer, "teacher", None) is not None:
         settings = trainer.distillation
+        loaded_with = f"; teacher loaded with {json.dumps(kwargs)}" if (kwargs := settings.init_kwargs()) else ""
         print(f"Distilling from {settings.teacher_model}: loss {settings.distill_loss}, temperature "
-              f"{settings.distill_temperature:g}, weight {settings.distill_weight:g}")
+              f"{settings.distill_temperature:g}, weight {settings.distill_weight:g}{loaded_with}")
     if resume_from:
         print(f"Resuming from checkpoint {resume_from}")
 
@@ -601,6 +604,8 @@ def write_finetuned_card(trainer, model_args: ModelArguments, data_args: DataArg
         recipe.update({"teacher": distill_args.teacher_model, "distillation loss": distill_args.distill_loss,
                        "distillation temperature": distill_args.distill_temperature,
                        "distillation weight": distill_args.distill_weight})
+        if distill_args.init_kwargs():
+            recipe["teacher loaded with"] = json.dumps(distill_args.init_kwargs())
     evaluations = [record for record in trainer.state.log_history if "eval_loss" in record]
     results = {f"validation perplexity at step {record['step']}": perplexity(record["eval_loss"])
                for record in evaluations[:1] + evaluations[-1:]}

@@ -1,6 +1,7 @@
 """Distillation from a dense teacher: the teacher never trains, the sparsity holds, a mismatched teacher is refused."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -19,12 +20,13 @@ from dense_ft.distillation import (
     DistillingSparseTrainer,
     check_teacher,
     chunked_kl,
+    load_teacher,
 )
 from dense_ft.errors import UserError
 from dense_ft.masks import SparsityMasks
 from dense_ft.merge_lora import merge
 from dense_ft.sparse_lora import LLAMA_TARGET_MODULES, add_sparse_lora, lora_config
-from dense_ft.sparsity import prunable_linears
+from dense_ft.sparsity import is_4bit, prunable_linears
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +130,56 @@ def test_the_student_as_its_own_teacher_is_refused(teacher, tmp_path, tiny_prune
     assert err.strip().splitlines()[-1] == (f"error: --teacher_model {teacher} is the model being fine-tuned: its KL "
                                             "to itself is 0; give the dense model it was pruned from")
     assert not (tmp_path / "out").exists()
+
+
+TEACHER_IN_4BIT = '{"quantization_config": {"load_in_4bit": true, "bnb_4bit_quant_type": "nf4"}}'
+
+
+def test_the_teacher_loads_in_4bit_from_its_init_kwargs_frozen_and_near_the_dense_one(tmp_path, tokenizer,
+                                                                                      teacher_dir):
+    student = tiny_llama(vocab_size=len(tokenizer))
+    args = TrainingArguments(tmp_path, report_to="none")
+    dense = load_teacher(DistillationArguments(teacher_model=str(teacher_dir)), student, tokenizer, args)
+    quantized = load_teacher(DistillationArguments(teacher_model=str(teacher_dir),
+                                                   teacher_model_init_kwargs=TEACHER_IN_4BIT), student, tokenizer, args)
+    assert not any(map(is_4bit, dense.parameters())) and all(
+        is_4bit(linear.weight) for linear in prunable_linears(quantized).values())
+    assert not quantized.training and not any(p.requires_grad for p in quantized.parameters())
+    ids = token_blocks(len(tokenizer), count=2)["input_ids"]
+    with torch.no_grad():
+        logits = [teacher(input_ids=torch.tensor(ids)).logits.flatten() for teacher in (dense, quantized)]
+    assert 0 < (logits[0] - logits[1]).norm() < 0.2 * logits[0].norm()  # nf4-rounded: 10% off here
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ('{"device_map": "auto", "dtype": "float16"}', "cannot set device_map, dtype: the teacher runs in the training "
+                                                   "precision, on each process's device"),
+    ('{"quantization_config": ', "is not valid JSON: Expecting value: line 1 column 25"),
+    ('["load_in_4bit"]', 'must be a JSON object, got ["load_in_4bit"]'),
+])
+def test_teacher_init_kwargs_that_would_place_it_or_are_no_json_object_are_refused(kwargs, message, tiny_pruned_dir):
+    arguments = DistillationArguments(teacher_model="dense", teacher_model_init_kwargs=kwargs)
+    with pytest.raises(UserError, match=f"^--teacher_model_init_kwargs {re.escape(message)}"):
+        arguments.validate(str(tiny_pruned_dir))
+    with pytest.raises(UserError, match="^--teacher_model_init_kwargs goes with --teacher_model$"):
+        DistillationArguments(teacher_model_init_kwargs=kwargs).validate(str(tiny_pruned_dir))
+
+
+def test_sparse_qlora_distills_from_a_teacher_in_4bit_and_resumes_only_with_it(tmp_path, tiny_pruned_dir, teacher_dir,
+                                                                                small_corpus_dir, capsys):
+    output = tmp_path / "out"
+    flags = ["--lora", "--load_in_4bit", "--teacher_model", teacher_dir, "--save_steps", 1]
+    status, out, err = finetune(capsys, tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 1, *flags,
+                                "--teacher_model_init_kwargs", TEACHER_IN_4BIT)
+    assert status == 0, err[-2000:]
+    assert f"loss kl+ce, temperature 1, weight 1; teacher loaded with {TEACHER_IN_4BIT}" in out
+    assert f"| teacher loaded with | {TEACHER_IN_4BIT} |" in (output / "README.md").read_text()
+    assert "Sparsity maintained: yes" in out and "Step 1: loss=" in out and ", kl=" in out
+    status, _, err = finetune(capsys, tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 2, *flags)
+    assert status == 2 and "belongs to another run (distillation {'init_kwargs': {'quantization_config'" in err
+    status, out, err = finetune(capsys, tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 2, *flags,
+                                "--teacher_model_init_kwargs", TEACHER_IN_4BIT)
+    assert status == 0 and f"Resuming from checkpoint {output}/checkpoint-1" in out, err[-2000:]
 
 
 def test_finetune_with_a_teacher_logs_each_term(tmp_path, tiny_pruned_dir, teacher_dir, small_corpus_dir, capsys):
