@@ -11,6 +11,7 @@ constant, so step N of the long run is an N-step run). Training time excludes ev
 trains longer (``--ce_steps``), so that it can be read at the wall time each distillation run
 took: "CE at equal time"; ``--ce_results`` reads it from an earlier run's JSON line instead, and
 ``--losses ''`` trains CE alone, so the runs of a long budget can be spread over several sittings.
+``--teacher_model_init_kwargs`` loads the teacher with them (finetune.py's flag: a 4-bit teacher, say).
 ``--train_samples N`` trains on the first N sequences only, so that a budget runs over several
 epochs (the regime where cross-entropy overfits). Every run is one JSON line, with the CPU's
 vector capability, the learning rate, the training set's size, the seed and the validation set's
@@ -93,6 +94,7 @@ def main():
     parser.add_argument("--train_samples", type=int, help="train on the first N sequences, for several epochs")
     parser.add_argument("--learning_rate", type=float, default=5e-4, help="constant, for every loss")
     parser.add_argument("--seed", type=int, default=0, help="the order of the training sequences")
+    parser.add_argument("--teacher_model_init_kwargs", help="JSON: the teacher's from_pretrained arguments")
     args = parser.parse_args()
     budgets = [int(budget) for budget in args.budgets.split(",")]
     ce = read_ce_line(args.ce_results, args, parser) if args.ce_results else None
@@ -104,11 +106,15 @@ def main():
     if ce is None:
         ce = train(pruned, work / "ce", args.ce_steps, args)
         print(json.dumps({"loss": "ce", **ce}), flush=True)
+    teacher = ["--teacher_model", model_dir()]
+    if args.teacher_model_init_kwargs:
+        teacher += ["--teacher_model_init_kwargs", args.teacher_model_init_kwargs]
     for loss in filter(None, args.losses.split(",")):
-        result = train(pruned, work / loss, max(budgets), args, "--teacher_model", model_dir(), "--distill_loss", loss)
+        result = train(pruned, work / loss, max(budgets), args, *teacher, "--distill_loss", loss)
         if not math.isclose(result["perplexity_by_step"][0], ce["perplexity_by_step"][0], rel_tol=1e-4):
             raise SystemExit(f"{loss}: the perplexity before fine-tuning is not CE's: another model or validation set")
-        row = {"loss": loss, **result, "time_vs_ce": result["seconds_per_step"] / ce["seconds_per_step"]}
+        row = {"loss": loss, **result, "teacher_model_init_kwargs": args.teacher_model_init_kwargs,
+               "time_vs_ce": result["seconds_per_step"] / ce["seconds_per_step"]}
         for budget in budgets:
             row[f"ce_at_equal_time_{budget}"] = at_time(ce["perplexity_by_step"], ce["seconds_per_step"],
                                                         budget * result["seconds_per_step"])
