@@ -115,9 +115,10 @@ Environment variables (defaults in brackets):
                         small updates that bf16 AdamW drops, in less memory (see the README)
   REPORT_TO             the Trainer's --report_to: none, tensorboard, wandb, ... [$REPORT_TO]
   TEACHER_MODEL         dense model to distill from (finetune.py --teacher_model; pass
-                        -- --distill_loss kl|kl+ce|squarehead to choose the loss) [${TEACHER_MODEL:-unset}]
+                        -- --distill_loss kl|kl+ce|squarehead to choose the loss, and
+                        -- --teacher_model_init_kwargs JSON to load it in 4-bit, say) [${TEACHER_MODEL:-unset}]
   MIN_GPU_MEMORY_GB     free memory under which to warn [40 for full, 24 for lora, 12 for qlora;
-                        $TEACHER_MEMORY_GB more with TEACHER_MODEL]
+                        $TEACHER_MEMORY_GB more with TEACHER_MODEL, a bf16 teacher's]
   ASSUME_YES=1          same as --yes
   PYTHON, TORCHRUN      the interpreters to run [$PYTHON, $TORCHRUN]
 
