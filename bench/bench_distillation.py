@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from bench_lora_recovery import PERPLEXITY, run
+from bench_lora_recovery import prune_embedded, run
 from prepare_embedded import corpus_dir, model_dir
 
 COMMON = ["--dataset_dir", str(corpus_dir()), "--block_size", "256", "--per_device_train_batch_size", "2",
@@ -99,10 +99,7 @@ def main():
     budgets = [int(budget) for budget in args.budgets.split(",")]
     ce = read_ce_line(args.ce_results, args, parser) if args.ce_results else None
     work = Path(tempfile.mkdtemp(prefix="distillation_"))
-    pruned = work / "pruned_model"
-    run([sys.executable, "main_block.py", "--model", model_dir(), "--calib_dataset", corpus_dir(), *PERPLEXITY,
-         "--sparsity_ratio", "0.2", "--nsamples", "16", "--save", work / "pruned", "--save_model", pruned])
-
+    pruned = prune_embedded(work)
     if ce is None:
         ce = train(pruned, work / "ce", args.ce_steps, args)
         print(json.dumps({"loss": "ce", **ce}), flush=True)

@@ -38,6 +38,14 @@ def run(command: list, timed: bool = False) -> tuple[str, float, float]:
     return result.stdout, float(seconds), int(kib) / 2**20
 
 
+def prune_embedded(work: Path) -> Path:
+    """The embedded default pruned by Wanda to 20% of its 16x16 blocks, as ``make demo`` prunes it, in ``work``."""
+    pruned = work / "pruned_model"
+    run([sys.executable, "main_block.py", "--model", model_dir(), "--calib_dataset", corpus_dir(), *PERPLEXITY,
+         "--sparsity_ratio", "0.2", "--nsamples", "16", "--save", work / "pruned", "--save_model", pruned])
+    return pruned
+
+
 def perplexity(model: Path, save: Path) -> float:
     run([sys.executable, "main_block.py", "--model", model, *PERPLEXITY, "--save", save])
     return json.loads((save / "results.json").read_text())["perplexity"]
@@ -48,9 +56,7 @@ def main():
     parser.add_argument("--methods", default="full,lora:1e-4,lora:1e-3", help="full[:lr] or lora[:lr], comma-separated")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="lora_recovery_"))
-    pruned = work / "pruned_model"
-    run([sys.executable, "main_block.py", "--model", model_dir(), "--calib_dataset", corpus_dir(), *PERPLEXITY,
-         "--sparsity_ratio", "0.2", "--nsamples", "16", "--save", work / "pruned", "--save_model", pruned])
+    pruned = prune_embedded(work)
     print(json.dumps({"method": "pruned", "perplexity": perplexity(pruned, work / "pruned_eval")}), flush=True)
     for spec in args.methods.split(","):
         method, _, learning_rate = spec.partition(":")

@@ -1,12 +1,13 @@
 """How far a teacher loaded in 4-bit is from the dense one, against how far the pruned student is.
 
-On the embedded default: the dense model (the teacher), the same loaded in 4-bit as
+On the embedded default: the dense model (the teacher), the same loaded in 4-bit by the loader
 ``finetune.py --teacher_model_init_kwargs '{"quantization_config": {"load_in_4bit": true, ...}}'``
-loads it, and the model Wanda pruned to 20% of its 16x16 blocks (as ``make demo`` prunes it).
-Over the first ``--windows`` windows of 256 tokens of the validation split: each model's
-perplexity, and the mean per-token KL(dense || model) of the next-token distributions, what
-distillation with ``kl`` drives the student's towards. A 4-bit teacher whose KL to the dense
-one is small against the pruned student's is nearly as good a target. One JSON line per model.
+loads it with, and the model Wanda pruned to 20% of its 16x16 blocks (as ``make demo`` prunes it),
+all in float32. Over the first ``--windows`` windows of 256 tokens of the validation split, read as
+``main_block.py`` reads its text: each model's perplexity, and the mean per-token KL(dense || model)
+of the next-token distributions, what distillation with ``kl`` drives the student's towards. A
+4-bit teacher whose KL to the dense one is small against the pruned student's is nearly as good a
+target. One JSON line per model.
 
     PYTHONPATH=scripts .venv/bin/python bench/bench_teacher_in_4bit.py [--quant_types nf4,fp4]
 """
@@ -14,23 +15,24 @@ one is small against the pruned student's is nearly as good a target. One JSON l
 import argparse
 import json
 import math
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from bench_lora_recovery import PERPLEXITY, run
+from bench_lora_recovery import prune_embedded
 from prepare_embedded import corpus_dir, model_dir
 from torch.nn import functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from dense_ft.modeling import load_model, load_weights
+from dense_ft.prune import token_ids
+from dense_ft.text import joined_text, load_wikitext_dir
 
 SEQLEN = 256
 
 
-def validation_windows(count: int) -> torch.Tensor:
-    text = (corpus_dir() / "wiki.valid.raw").read_text(encoding="utf-8")
-    ids = AutoTokenizer.from_pretrained(model_dir())(text, return_tensors="pt").input_ids[0]
-    return ids[:count * SEQLEN].view(count, SEQLEN)
+def validation_windows(tokenizer, count: int) -> torch.Tensor:
+    text = joined_text(load_wikitext_dir(str(corpus_dir()), ["validation"]), "validation", "\n\n")
+    return token_ids(tokenizer, text)[:count * SEQLEN].view(count, SEQLEN)
 
 
 @torch.no_grad()
@@ -59,16 +61,13 @@ def main():
     parser.add_argument("--quant_types", default="nf4,fp4", help="4-bit data types to load the teacher in")
     parser.add_argument("--windows", type=int, default=48, help="validation windows of 256 tokens")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="teacher_in_4bit_"))
-    pruned = work / "pruned_model"
-    run([sys.executable, "main_block.py", "--model", model_dir(), "--calib_dataset", corpus_dir(), *PERPLEXITY,
-         "--sparsity_ratio", "0.2", "--nsamples", "16", "--save", work / "pruned", "--save_model", pruned])
-    dense = AutoModelForCausalLM.from_pretrained(model_dir()).eval()
-    others = {f"teacher in {kind}": AutoModelForCausalLM.from_pretrained(model_dir(), quantization_config=(
-        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind))).eval()
-        for kind in args.quant_types.split(",")}
-    others["pruned student"] = AutoModelForCausalLM.from_pretrained(pruned).eval()
-    for name, figures in compare(dense, others, validation_windows(args.windows)).items():
+    pruned = prune_embedded(Path(tempfile.mkdtemp(prefix="teacher_in_4bit_")))
+    dense, tokenizer = load_model(str(model_dir()))
+    others = {f"teacher in {kind}": load_weights(str(model_dir()), quantization_config={
+        "load_in_4bit": True, "bnb_4bit_quant_type": kind}) for kind in args.quant_types.split(",")}
+    others["pruned student"] = load_weights(str(pruned))
+    windows = validation_windows(tokenizer, args.windows)
+    for name, figures in compare(dense.eval(), {name: model.eval() for name, model in others.items()}, windows).items():
         print(json.dumps({"model": name, **figures, "windows": args.windows, "seqlen": SEQLEN}), flush=True)
 
 
