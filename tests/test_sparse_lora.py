@@ -10,6 +10,7 @@ import torch
 import transformers
 from conftest import file_contents, run_python
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from test_masks import scatter_zeros
 from test_sparse_trainer import token_dataset, training_args
 from tiny_models import tiny_llama, zero_random_blocks
 from torch.nn import functional as F
@@ -17,7 +18,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer
 
 from dense_ft import merge_lora, sparse_lora
 from dense_ft.errors import UserError
-from dense_ft.masks import SparsityMasks
+from dense_ft.masks import BlockMask, ElementMask, SparsityMasks
 from dense_ft.sparse_lora import LLAMA_TARGET_MODULES, MaskedLoraLinear, add_sparse_lora, load_sparse_lora, lora_config
 from dense_ft.sparse_trainer import SparseLoraTrainer
 from dense_ft.sparsity import pin_standard_4bit_layout, prunable_linears, weight_values
@@ -38,10 +39,25 @@ def pruned_model(seed=0):
     return model, zero_random_blocks(model)
 
 
-def dense_masked_reference(x, weight, lora_A, lora_B, scaling, pruned):
-    """The same function through plain autograd, with the mask as a full-size bool tensor."""
-    update = (lora_B @ lora_A) * scaling * ~pruned.dense().to(x.device)
+def dense_masked_delta(lora_A, lora_B, scaling, pruned):
+    """The masked update through plain autograd, with the mask as a full-size bool tensor."""
+    return (lora_B @ lora_A) * scaling * ~pruned.dense().to(lora_A.device)
+
+
+def dense_block_masked_update(x, lora_A, lora_B, scaling, pruned):
+    return F.linear(x, dense_masked_delta(lora_A, lora_B, scaling, pruned))
+
+
+def dense_element_masked_linear(x, weight, lora_A, lora_B, scaling, pruned):
+    update = dense_masked_delta(lora_A, lora_B, scaling, pruned)
     return F.linear(x, update if weight is None else weight + update)
+
+
+MASKED = {  # how the model is pruned: its masks, and the function its sparse LoRA layers compute the update with
+    "blocks": (zero_random_blocks, BlockMask, (sparse_lora, "block_masked_update"), dense_block_masked_update),
+    "scattered": (lambda model: scatter_zeros(model, 0.3), ElementMask, (sparse_lora.MaskedLoraFunction, "apply"),
+                  dense_element_masked_linear),
+}
 
 
 def lora_grads(model):
@@ -49,15 +65,22 @@ def lora_grads(model):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_gradients_equal_the_dense_masked_reference_and_skip_pruned_blocks(dropout, monkeypatch):
-    base, _ = pruned_model()
+@pytest.mark.parametrize("pruning", MASKED)
+def test_gradients_equal_the_dense_masked_reference_and_skip_pruned_blocks(pruning, dropout, monkeypatch):
+    prune, mask_type, function, reference_function = MASKED[pruning]
+    base = tiny_llama()
+    prune(base)
     model = add_sparse_lora(base, config(dropout)).train()
+    assert all(isinstance(m.pruned, mask_type) for m in model.modules() if isinstance(m, MaskedLoraLinear))
     reference = copy.deepcopy(model)
     torch.manual_seed(0)
-    model(input_ids=INPUT, labels=INPUT).loss.backward()
-    monkeypatch.setattr(sparse_lora.MaskedLoraFunction, "apply", dense_masked_reference)
+    loss = model(input_ids=INPUT, labels=INPUT).loss
+    loss.backward()
+    monkeypatch.setattr(*function, reference_function)
     torch.manual_seed(0)
-    reference(input_ids=INPUT, labels=INPUT).loss.backward()
+    expected_loss = reference(input_ids=INPUT, labels=INPUT).loss
+    expected_loss.backward()
+    assert torch.allclose(loss, expected_loss, atol=1e-6)
     grads, expected = lora_grads(model), lora_grads(reference)
     assert grads.keys() == expected.keys() and len(grads) == 2 * 7 * 2
     for name, grad in grads.items():
