@@ -8,12 +8,19 @@ values do not matter here), rank 8 on q, k, v, o, gate, up, down:
 - time: forward + backward + AdamW step, the two kinds alternated A B B A, median of ``--steps``
   per run after one warm-up step.
 
+With ``--layers`` it times one adapted linear layer of each Llama-2-7B shape instead (float32,
+20% of its blocks pruned at random, rank 8, ``--tokens`` tokens): forward + backward by the
+three ways to compute the LoRA update, alternated A B C C B A: ``blocks`` (sparse LoRA in
+training), ``folded`` (``MaskedLoraFunction``: sparse LoRA in evaluation, and before 2026-12-06
+in training) and ``plain`` (PEFT's unmasked ``B(A(x))``).
+
 With ``--pruned DIR --adapter DIR`` (a pruned model and a LoRA adapter trained on it, e.g. by
 ``bench_lora_recovery.py``) it reports the merge instead: the largest logit difference between
 the merged model and the unmerged masked adapter on 256 tokens of the embedded test text, and
 the pruned weights made non-zero by the sparse merge and by PEFT's plain merge of the same adapter.
 
     PYTHONPATH=scripts .venv/bin/python bench/bench_sparse_lora.py [--batch 2 --seqlen 256 --steps 5]
+    PYTHONPATH=scripts .venv/bin/python bench/bench_sparse_lora.py --layers [--tokens 512 --steps 3]
     PYTHONPATH=scripts .venv/bin/python bench/bench_sparse_lora.py --pruned PRUNED_DIR --adapter ADAPTER_DIR
 """
 
@@ -26,11 +33,22 @@ import time
 import torch
 from peft import get_peft_model
 from prepare_embedded import corpus_dir, model_dir
+from torch.nn import functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dense_ft.masks import SparsityMasks, prune_random_blocks
+from dense_ft.masks import BlockMask, SparsityMasks, prune_random_blocks
 from dense_ft.modeling import load_weights
-from dense_ft.sparse_lora import LLAMA_TARGET_MODULES, add_sparse_lora, load_sparse_lora, lora_config
+from dense_ft.sparse_lora import (
+    LLAMA_TARGET_MODULES,
+    MaskedLoraFunction,
+    add_sparse_lora,
+    block_masked_update,
+    load_sparse_lora,
+    lora_config,
+)
+
+LLAMA_7B_LINEAR_SHAPES = {"q_proj, k_proj, v_proj, o_proj": (4096, 4096), "gate_proj, up_proj": (11008, 4096),
+                          "down_proj": (4096, 11008)}
 
 
 def with_lora(base, kind: str):
@@ -56,16 +74,54 @@ def saved_activation_bytes(model, ids) -> int:
     return sum(storages.values())
 
 
-def step_seconds(model, ids, steps: int) -> float:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+def median_seconds(run, steps: int) -> float:
+    """The median duration of ``run()`` over ``steps`` calls after a warm-up call."""
     durations = []
     for _ in range(steps + 1):
         started = time.perf_counter()
+        run()
+        durations.append(time.perf_counter() - started)
+    return statistics.median(durations[1:])
+
+
+def step_seconds(model, ids, steps: int) -> float:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        durations.append(time.perf_counter() - started)
-    return statistics.median(durations[1:])
+
+    return median_seconds(step, steps)
+
+
+def layer_seconds(out_features: int, in_features: int, tokens: int, steps: int) -> dict:
+    """Forward + backward of one adapted layer by each way to compute the update, median seconds of two runs."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(out_features, in_features, generator=generator) * 0.02
+    mask = BlockMask(torch.rand(out_features // 16, in_features // 16, generator=generator) < 0.2, 16)
+    mask.apply_(weight)
+    lora_A = (torch.randn(8, in_features, generator=generator) * 0.02).requires_grad_()
+    lora_B = (torch.randn(out_features, 8, generator=generator) * 0.02).requires_grad_()
+    x = torch.randn(tokens, in_features, generator=generator).requires_grad_()
+    grad = torch.randn(tokens, out_features, generator=generator)
+    updates = {"blocks": lambda: F.linear(x, weight) + block_masked_update(x, lora_A, lora_B, 2.0, mask),
+               "folded": lambda: MaskedLoraFunction.apply(x, weight, lora_A, lora_B, 2.0, mask),
+               "plain": lambda: F.linear(x, weight) + F.linear(F.linear(x, lora_A), lora_B) * 2.0}
+    times = {path: [] for path in updates}
+    for path in ("blocks", "folded", "plain", "plain", "folded", "blocks"):
+        times[path].append(median_seconds(lambda update=updates[path]: update().backward(grad), steps))
+    return {path: [round(t, 4) for t in ts] for path, ts in times.items()}
+
+
+def layer_figures(tokens: int, steps: int) -> dict:
+    figures = {name: layer_seconds(*shape, tokens, steps) for name, shape in LLAMA_7B_LINEAR_SHAPES.items()}
+    decoder_layer = {path: sum(len(name.split(", ")) * sum(figures[name][path]) / 2 for name in figures)
+                     for path in ("blocks", "folded", "plain")}
+    return {"tokens": tokens, "seconds": figures,
+            "decoder_layer_seconds": {path: round(t, 3) for path, t in decoder_layer.items()},
+            "blocks_over_plain": round(decoder_layer["blocks"] / decoder_layer["plain"], 3),
+            "folded_over_plain": round(decoder_layer["folded"] / decoder_layer["plain"], 3)}
 
 
 @torch.no_grad()
@@ -90,11 +146,16 @@ def main():
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--layers", action="store_true", help="time one layer of each 7B shape instead")
+    parser.add_argument("--tokens", type=int, default=512, help="with --layers: tokens per forward")
     parser.add_argument("--pruned", help="a pruned model directory (with --adapter: the merge figures)")
     parser.add_argument("--adapter", help="a LoRA adapter trained on --pruned")
     args = parser.parse_args()
     if args.pruned:
         print(json.dumps(merge_figures(args.pruned, args.adapter)))
+        return
+    if args.layers:
+        print(json.dumps(layer_figures(args.tokens, args.steps)))
         return
     base = load_weights(str(model_dir()))
     prune_random_blocks(base, 0.2)

@@ -59,6 +59,7 @@ class BlockMask:
         self.shape = torch.Size(size * block_size for size in self.grid)
         rows, cols = pruned_blocks.nonzero(as_tuple=True)
         self.block_starts = (rows * self.shape[1] + cols) * block_size
+        self._kept_blocks = {}  # by dtype, on the device of block_starts
 
     @property
     def pruned_blocks(self) -> torch.Tensor:
@@ -66,6 +67,13 @@ class BlockMask:
         grid = torch.zeros(self.grid, dtype=torch.bool, device=self.block_starts.device)
         grid[self.block_starts // (b * columns), self.block_starts % columns // b] = True
         return grid
+
+    def kept_blocks(self, dtype: torch.dtype) -> torch.Tensor:
+        """The block grid in ``dtype``, 1 where a block is kept and 0 where it is pruned (sparse LoRA's factor):
+        made on first use per dtype, as a training step would otherwise remake it in every layer's forward."""
+        if dtype not in self._kept_blocks:
+            self._kept_blocks[dtype] = self.pruned_blocks.logical_not().to(dtype)
+        return self._kept_blocks[dtype]
 
     @property
     def nbytes(self) -> int:
@@ -127,7 +135,10 @@ class BlockMask:
         return ElementMask(self.dense()[start:stop])
 
     def to(self, device: torch.device) -> "BlockMask":
-        self.block_starts = self.block_starts.to(device)
+        moved = self.block_starts.to(device)
+        if moved is not self.block_starts:
+            self.block_starts = moved
+            self._kept_blocks.clear()
         return self
 
 

@@ -116,18 +116,20 @@ class BlockMaskedLoraFunction(torch.autograd.Function):
         ctx.save_for_backward(x, lora_A, lora_B, kept)
         ctx.scaling = scaling
         block_size = x.shape[1] // kept.shape[1]
-        update = torch.bmm(_kept_block_sums(x, lora_A, kept), _by_blocks(lora_B.T, block_size))  # (out / b, tokens, b)
-        return update.transpose(0, 1).reshape(x.shape[0], -1).mul_(scaling)
+        sums = _kept_block_sums(x, lora_A, kept).mul_(scaling)
+        update = torch.bmm(sums, _by_blocks(lora_B.T, block_size))  # (out / b, tokens, b)
+        return update.transpose(0, 1).reshape(x.shape[0], -1)
 
     @staticmethod
     def backward(ctx, grad_output):
         x, lora_A, lora_B, kept = ctx.saved_tensors
         block_size = x.shape[1] // kept.shape[1]
         rank = lora_A.shape[0]
-        grad_blocks = _by_blocks(grad_output * ctx.scaling, block_size)  # (out / b, tokens, b)
-        grad_B = torch.bmm(grad_blocks.mT, _kept_block_sums(x, lora_A, kept)).reshape(-1, rank)
+        grad_blocks = _by_blocks(grad_output, block_size)  # (out / b, tokens, b)
+        grad_B = torch.bmm(grad_blocks.mT, _kept_block_sums(x, lora_A, kept)).reshape(-1, rank).mul_(ctx.scaling)
         grad_products = torch.bmm(grad_blocks, _by_blocks(lora_B.T, block_size).mT)  # (out / b, tokens, r)
         grad_sums = (kept.T @ grad_products.reshape(kept.shape[0], -1)).view(kept.shape[1], x.shape[0], rank)
+        grad_sums.mul_(ctx.scaling)
         grad_A = torch.bmm(grad_sums.mT, _by_blocks(x, block_size)).transpose(0, 1).reshape(rank, -1)
         grad_x = None
         if ctx.needs_input_grad[0]:
@@ -139,7 +141,7 @@ def block_masked_update(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Ten
                         pruned: BlockMask) -> torch.Tensor:
     """``s * x @ (M * (B @ A)).T`` for ``x`` of any leading shape, in the dtype ``nn.Linear`` would compute in."""
     dtype = _compute_dtype(x, lora_A.dtype)
-    kept = pruned.pruned_blocks.logical_not().to(dtype)
+    kept = pruned.kept_blocks(dtype)
     with torch.autocast(x.device.type, enabled=False):
         update = BlockMaskedLoraFunction.apply(x.reshape(-1, x.shape[-1]).to(dtype), lora_A.to(dtype),
                                                lora_B.to(dtype), scaling, kept)
