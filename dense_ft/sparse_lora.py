@@ -51,12 +51,6 @@ def _effective_weight(weight, lora_A, lora_B, scaling, pruned, dtype) -> torch.T
     return (delta if weight is None else torch.add(weight, delta)).to(dtype)
 
 
-def _compute_dtype(x: torch.Tensor, adapter_dtype: torch.dtype) -> torch.dtype:
-    """What nn.Linear computes in: the autocast dtype where autocast is on, else the adapters' (as PEFT)."""
-    device_type = x.device.type
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else adapter_dtype
-
-
 class MaskedLoraFunction(torch.autograd.Function):
     """``x @ (W + s * M * (B @ A)).T`` (``W`` may be None: the masked update alone).
 
@@ -139,10 +133,12 @@ class BlockMaskedLoraFunction(torch.autograd.Function):
 
 def block_masked_update(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                         pruned: BlockMask) -> torch.Tensor:
-    """``s * x @ (M * (B @ A)).T`` for ``x`` of any leading shape, in the dtype ``nn.Linear`` would compute in."""
-    dtype = _compute_dtype(x, lora_A.dtype)
+    """``s * x @ (M * (B @ A)).T`` for ``x`` of any leading shape, in the autocast dtype where autocast is on,
+    else in the adapters' dtype (as PEFT computes its update)."""
+    device_type = x.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else lora_A.dtype
     kept = pruned.kept_blocks(dtype)
-    with torch.autocast(x.device.type, enabled=False):
+    with torch.autocast(device_type, enabled=False):
         update = BlockMaskedLoraFunction.apply(x.reshape(-1, x.shape[-1]).to(dtype), lora_A.to(dtype),
                                                lora_B.to(dtype), scaling, kept)
     return update.view(*x.shape[:-1], -1)
