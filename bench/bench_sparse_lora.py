@@ -96,7 +96,8 @@ def step_seconds(model, ids, steps: int) -> float:
 
 
 def layer_seconds(out_features: int, in_features: int, tokens: int, steps: int) -> dict:
-    """Forward + backward of one adapted layer by each way to compute the update, median seconds of two runs."""
+    """Forward + backward of one adapted layer by each way to compute the update: two runs each, the median
+    seconds of each."""
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(out_features, in_features, generator=generator) * 0.02
     mask = BlockMask(torch.rand(out_features // 16, in_features // 16, generator=generator) < 0.2, 16)

@@ -70,7 +70,8 @@ class BlockMask:
 
     def kept_blocks(self, dtype: torch.dtype) -> torch.Tensor:
         """The block grid in ``dtype``, 1 where a block is kept and 0 where it is pruned (sparse LoRA's factor):
-        made on first use per dtype, as a training step would otherwise remake it in every layer's forward."""
+        made on first use per dtype, as a training step would otherwise remake it in every layer's forward
+        (a 7B's grids: 25 M entries, 51 MB in bf16)."""
         if dtype not in self._kept_blocks:
             self._kept_blocks[dtype] = self.pruned_blocks.logical_not().to(dtype)
         return self._kept_blocks[dtype]
