@@ -5,8 +5,9 @@ values do not matter here), rank 8 on q, k, v, o, gate, up, down:
 
 - activation memory: the bytes of every tensor autograd saves for backward during one forward
   of ``--batch x --seqlen`` tokens (each storage counted once, parameters not counted);
-- time: forward + backward + AdamW step, the two kinds alternated A B B A, median of ``--steps``
-  per run after one warm-up step.
+- time: forward + backward + AdamW step, median of ``--steps`` per run after one warm-up step, of
+  three kinds alternated A B C C B A: sparse LoRA, sparse LoRA trained ``folded`` as before
+  2026-12-06 (the update folded into the weight, as evaluation computes it), PEFT's plain LoRA.
 
 With ``--layers`` it times one adapted linear layer of each Llama-2-7B shape instead (float32,
 20% of its blocks pruned at random, rank 8, ``--tokens`` tokens): forward + backward by the
@@ -41,6 +42,7 @@ from dense_ft.modeling import load_weights
 from dense_ft.sparse_lora import (
     LLAMA_TARGET_MODULES,
     MaskedLoraFunction,
+    MaskedLoraLinear,
     add_sparse_lora,
     block_masked_update,
     load_sparse_lora,
@@ -52,9 +54,18 @@ LLAMA_7B_LINEAR_SHAPES = {"q_proj, k_proj, v_proj, o_proj": (4096, 4096), "gate_
 
 
 def with_lora(base, kind: str):
+    """``sparse`` LoRA, ``folded`` (sparse LoRA training as before 2026-12-06: the update folded into the weight,
+    as evaluation still computes it) or PEFT's ``plain`` LoRA on a copy of ``base``."""
     config = lora_config(8, 16, 0.0, LLAMA_TARGET_MODULES)
     model = copy.deepcopy(base)
-    return (add_sparse_lora if kind == "sparse" else get_peft_model)(model, config)
+    if kind == "plain":
+        return get_peft_model(model, config)
+    model = add_sparse_lora(model, config)
+    if kind == "folded":
+        for layer in model.modules():
+            if isinstance(layer, MaskedLoraLinear):
+                layer._forward_by_blocks = layer._forward_folded
+    return model
 
 
 def saved_activation_bytes(model, ids) -> int:
@@ -162,10 +173,10 @@ def main():
     prune_random_blocks(base, 0.2)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seqlen), generator=generator)
-    models = {kind: with_lora(base, kind).train() for kind in ("sparse", "plain")}
+    models = {kind: with_lora(base, kind).train() for kind in ("sparse", "folded", "plain")}
     memory = {kind: saved_activation_bytes(model, ids) for kind, model in models.items()}
     times = {kind: [] for kind in models}
-    for kind in ("sparse", "plain", "plain", "sparse"):
+    for kind in ("sparse", "folded", "plain", "plain", "folded", "sparse"):
         times[kind].append(step_seconds(models[kind], ids, args.steps))
     print(json.dumps({
         "tokens_per_step": args.batch * args.seqlen,
@@ -173,6 +184,7 @@ def main():
         "activation_ratio": round(memory["sparse"] / memory["plain"], 4),
         "step_seconds": {kind: [round(t, 3) for t in ts] for kind, ts in times.items()},
         "time_ratio": round(sum(times["sparse"]) / sum(times["plain"]), 3),
+        "folded_time_ratio": round(sum(times["folded"]) / sum(times["plain"]), 3),
     }))
 
 
