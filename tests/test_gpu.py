@@ -85,31 +85,11 @@ def test_a_mask_kept_on_the_cpu_zeroes_the_same_blocks_of_a_cuda_tensor():
     assert torch.equal(mask.to(torch.device("cuda")).pruned_blocks.cpu(), grid)
 
 
-def lora_update_and_grads(update, x, lora_A, lora_B):
-    x, lora_A, lora_B = (t.detach().clone().requires_grad_() for t in (x, lora_A, lora_B))
-    output = update(x, lora_A, lora_B)
-    output.float().square().sum().backward()
-    return [t.detach().float().cpu() for t in (output, x.grad, lora_A.grad, lora_B.grad)]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_lora_update_by_blocks_on_cuda_is_the_dense_masked_one(dtype):
-    """Sparse LoRA's training path on CUDA, under bf16 autocast as the Trainer runs it, against the masked update
-    through plain autograd in float32."""
-    from dense_ft.masks import BlockMask
-    from dense_ft.sparse_lora import block_masked_update
+    from test_sparse_lora import check_the_update_by_blocks
 
-    generator = torch.Generator().manual_seed(0)
-    mask = BlockMask(torch.rand(10, 6, generator=generator) < 0.3, 16).to(torch.device("cuda"))
-    x, lora_A, lora_B = (torch.randn(*shape, generator=generator).cuda() for shape in [(3, 40, 96), (4, 96), (160, 4)])
-    kept = ~mask.dense()
-
-    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-        by_blocks = lora_update_and_grads(lambda *t: block_masked_update(*t, 2.0, mask), x, lora_A, lora_B)
-    expected = lora_update_and_grads(lambda x, a, b: x @ ((b @ a) * 2.0 * kept).T, x, lora_A, lora_B)
-    tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # of the norm: bf16 keeps 8 bits of each product
-    for name, got, want in zip(["update", "x.grad", "A.grad", "B.grad"], by_blocks, expected, strict=True):
-        assert (got - want).norm() <= tolerance * want.norm(), name
+    check_the_update_by_blocks("cuda", dtype)
 
 
 def test_layer_offload_on_the_gpu_prunes_the_same_blocks_and_leaves_the_weights_on_the_cpu():

@@ -76,16 +76,51 @@ def test_gradients_equal_the_dense_masked_reference_and_skip_pruned_blocks(pruni
     torch.manual_seed(0)
     loss = model(input_ids=INPUT, labels=INPUT).loss
     loss.backward()
-    monkeypatch.setattr(*function, reference_function)
+    calls = []
+
+    def counted_reference(*args):
+        calls.append(args)
+        return reference_function(*args)
+
+    monkeypatch.setattr(*function, counted_reference)
     torch.manual_seed(0)
     expected_loss = reference(input_ids=INPUT, labels=INPUT).loss
     expected_loss.backward()
+    assert len(calls) == 2 * 7, "the reference stands in for the path under test in every adapted layer"
     assert torch.allclose(loss, expected_loss, atol=1e-6)
     grads, expected = lora_grads(model), lora_grads(reference)
     assert grads.keys() == expected.keys() and len(grads) == 2 * 7 * 2
     for name, grad in grads.items():
         assert torch.allclose(grad, expected[name], atol=1e-6, rtol=1e-4), name
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+def lora_update_and_grads(update, x, lora_A, lora_B):
+    x, lora_A, lora_B = (t.detach().clone().requires_grad_() for t in (x, lora_A, lora_B))
+    output = update(x, lora_A, lora_B)
+    output.float().square().sum().backward()
+    return [t.detach().float().cpu() for t in (output, x.grad, lora_A.grad, lora_B.grad)]
+
+
+def check_the_update_by_blocks(device: str, dtype: torch.dtype):
+    """Sparse LoRA's training path on ``device`` (under autocast to ``dtype`` where it is not float32, as the
+    Trainer runs bf16) against the masked update through plain autograd in float32."""
+    generator = torch.Generator().manual_seed(0)
+    mask = BlockMask(torch.rand(10, 6, generator=generator) < 0.3, 16).to(torch.device(device))
+    x, lora_A, lora_B = (torch.randn(*shape, generator=generator).to(device)
+                         for shape in [(3, 40, 96), (4, 96), (160, 4)])
+    with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+        by_blocks = lora_update_and_grads(lambda *t: sparse_lora.block_masked_update(*t, 2.0, mask), x, lora_A,
+                                          lora_B)
+    expected = lora_update_and_grads(lambda *t: dense_block_masked_update(*t, 2.0, mask), x, lora_A, lora_B)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # of the norm: bf16 keeps 8 bits of each product
+    for name, got, want in zip(["update", "x.grad", "A.grad", "B.grad"], by_blocks, expected, strict=True):
+        assert (got - want).norm() <= tolerance * want.norm(), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_update_by_blocks_is_the_dense_masked_one(dtype):
+    check_the_update_by_blocks("cpu", dtype)
 
 
 def test_the_merge_keeps_every_pruned_weight_zero_and_the_same_function():
