@@ -19,14 +19,17 @@ Recipes (weights / optimizer states / what happens to small updates):
   lora-sparse    sparse LoRA (rank 8 on q, k, v, o, gate, up, down; bf16 base, fp32 adapters): its step
                  time against lora-plain's, its peak memory against the 24 GB goal
   lora-plain     PEFT's plain LoRA with the same settings (not sparse after a merge): the reference
+  qlora-sparse   sparse QLoRA: lora-sparse on the pruned model saved and loaded back in 4-bit nf4, as
+                 finetune.py --load_in_4bit loads it: its peak memory against the launcher's 12 GB threshold
   bf16-distill   bf16 with a dense bf16 teacher (the default --distill_loss kl+ce): its step time
                  against bf16's (goal <= 1.35x), its peak memory
   8bit-sr-distill  8bit-sr with the teacher: peak memory against one 80 GB GPU
-The 8-bit and 4-bit recipes need ``pip install torchao==0.18.0``.
+The 8-bit and 4-bit recipes need ``pip install torchao==0.18.0``; qlora-sparse needs bitsandbytes.
 """
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -54,9 +57,11 @@ RECIPES = {  # recipe -> TrainingArguments overrides
     "4bit-sr": {"optim": "adamw_torch_4bit", "optim_args": STOCHASTIC_ROUNDING},
     "lora-sparse": {},
     "lora-plain": {},
+    "qlora-sparse": {},
     "bf16-distill": {},
     "8bit-sr-distill": {"optim": "adamw_torch_8bit", "optim_args": STOCHASTIC_ROUNDING},
 }
+ADAPTER_RECIPES = ("lora-sparse", "lora-plain", "qlora-sparse")
 # Bytes per parameter that FSDP2 would shard: bf16 weights + bf16 gradients + optimizer states.
 SHARDED_BYTES_PER_PARAMETER = {"bf16": 8, "bf16-unmasked": 8, "8bit-sr": 6, "4bit-sr": 5}
 
@@ -96,19 +101,21 @@ def run_recipe(args) -> dict:
     parameters = sum(p.numel() for p in model.parameters())
     unsharded = fsdp2_unsharded_parameters(model)
     pruned_masks = SparsityMasks(model)
-    if args.recipe.startswith("lora"):
-        model = add_lora(model, sparse=args.recipe == "lora-sparse")
     samples = args.steps * args.accumulation * args.batch
     tokens = torch.randint(0, model.config.vocab_size, (samples, args.seqlen)).tolist()
     data = Dataset.from_dict({"input_ids": tokens, "labels": tokens})
     timer = StepTimer()
-    trainer_class = Trainer if args.recipe in ("bf16-unmasked", "lora-sparse", "lora-plain") else SparseTrainer
+    trainer_class = Trainer if args.recipe == "bf16-unmasked" or args.recipe in ADAPTER_RECIPES else SparseTrainer
     teacher_kwargs = {}
     if args.recipe.endswith("-distill"):
         trainer_class, teacher_kwargs = distillation(args)
-    with tempfile.TemporaryDirectory() as output_dir:
+    with tempfile.TemporaryDirectory() as work_dir:
+        if args.recipe == "qlora-sparse":
+            model = loaded_in_4bit(model, args.device, os.path.join(work_dir, "pruned_model"))
+        if args.recipe in ADAPTER_RECIPES:
+            model = add_lora(model, sparse=args.recipe != "lora-plain")
         training_args = TrainingArguments(
-            output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch,
+            os.path.join(work_dir, "run"), max_steps=args.steps, per_device_train_batch_size=args.batch,
             gradient_accumulation_steps=args.accumulation, learning_rate=5e-5, bf16=True,
             activation_checkpointing=args.activation_checkpointing, report_to=[], save_strategy="no",
             logging_strategy="no", disable_tqdm=True, use_cpu=args.device == "cpu", **RECIPES[args.recipe],
@@ -119,9 +126,6 @@ def run_recipe(args) -> dict:
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
     sparse = issubclass(trainer_class, SparseTrainer)
-    if args.recipe.startswith("lora"):
-        model = model.merge_and_unload()
-    violations = sum(pruned_masks.violations(model).values())
     step_seconds = statistics.median(timer.durations[1:] or timer.durations)  # the first step compiles
     tokens_per_second = args.batch * args.accumulation * args.seqlen / step_seconds
     return {"recipe": args.recipe, "config": args.config, "parameters": parameters, "batch": args.batch,
@@ -129,7 +133,48 @@ def run_recipe(args) -> dict:
             **speed_figures(parameters, tokens_per_second), **memory_figures(args.recipe, parameters, unsharded),
             "step_seconds": round(step_seconds, 3),
             "masking_seconds": round(masking_seconds(trainer.masks), 4) if sparse else None,
-            "violations": violations}
+            "violations": violations_after_training(args.recipe, model, pruned_masks)}
+
+
+def loaded_in_4bit(model, device: str, directory: str):
+    """``model`` saved to ``directory`` and loaded back with its linear weights in 4-bit nf4 on ``device``, as
+    ``finetune.py --load_in_4bit --torch_dtype bfloat16`` loads a pruned model. ``model`` is moved to the CPU
+    first: the masks taken from it hold its layers, which would otherwise count in the peak device memory."""
+    from dense_ft.finetune import ModelArguments
+    from dense_ft.modeling import load_weights
+
+    model.to("cpu").save_pretrained(directory)
+    model_args = ModelArguments(directory, torch_dtype="bfloat16", load_in_4bit=True)
+    return load_weights(directory, model_args.torch_dtype, **model_args.loading_kwargs(device))
+
+
+def violations_after_training(recipe: str, model, pruned_masks) -> int:
+    """Pruned weights that are non-zero: in the merged model with adapters (plain LoRA's merge fills them), else in
+    the model trained."""
+    if recipe == "qlora-sparse":
+        return violations_of_a_merge_unquantized(model, pruned_masks)
+    if recipe in ADAPTER_RECIPES:
+        model = model.merge_and_unload()
+    return sum(pruned_masks.violations(model).values())
+
+
+@torch.no_grad()
+def violations_of_a_merge_unquantized(peft_model, pruned_masks) -> int:
+    """What merging a QLoRA adapter into the unquantized pruned model would make non-zero on its pruned blocks,
+    layer by layer (the merge itself writes a whole model to disk): the 4-bit weights, which read back zero where
+    the unquantized ones are, plus the update the merge adds. ``pruned_masks`` are the unquantized model's."""
+    from peft.tuners.lora import LoraLayer
+
+    from dense_ft.sparsity import weight_values
+
+    count = 0
+    for name, layer in peft_model.base_model.model.named_modules():
+        if isinstance(layer, LoraLayer) and name in pruned_masks.masks:
+            merged = weight_values(layer.get_base_layer().weight).float()
+            for adapter in layer.active_adapters:
+                merged += layer.get_delta_weight(adapter).float()
+            count += pruned_masks.masks[name].count_nonzero(merged)
+    return count
 
 
 def add_lora(model, sparse: bool):

@@ -16,7 +16,8 @@ import prepare_embedded  # scripts/
 
 REQUIREMENTS = Path(__file__).resolve().parent.parent / "requirements.txt"
 REQUIRED = ("torch", "transformers", "accelerate", "datasets", "peft", "safetensors")
-OPTIONAL = {"torchao": "8bit-sr-distill and the launcher's 8-bit test fail without it"}
+OPTIONAL = {"torchao": "8bit-sr-distill and the launcher's 8-bit test fail without it",
+            "bitsandbytes": "qlora-sparse fails without it"}
 
 
 def pins() -> dict[str, str]:

@@ -9,7 +9,7 @@
 #             cost (bf16) and peak memory (8-bit AdamW), then their ratios against the goals
 #   offload   Wanda pruning with and without layer offload (7B shape, 128 x 4096)
 #   tests     the GPU-only tests (tests/test_gpu.py)
-#   lora      sparse LoRA against plain LoRA (7B shape)
+#   lora      sparse LoRA against plain LoRA, and sparse QLoRA's peak memory (7B shape)
 # STAGES (comma-separated, default all) runs some of them, e.g. STAGES=tests,lora after a first call.
 # Each stage's output goes to LOG_DIR/STAGE.log (default bench_logs/), and a line with its outcome
 # and seconds to LOG_DIR/stages.log. CONFIG and DEVICE (default llama2-7b and cuda) are the
@@ -65,5 +65,5 @@ stage recipes "$python" bench/bench_gpu_recipes.py "${recipe_args[@]}" \
     --recipes bf16,bf16-unmasked,bf16-unmasked,bf16,bf16-distill,8bit-sr-distill
 stage offload "$python" bench/bench_offload_pruning.py "${offload_args[@]}"
 stage tests "$python" -m pytest tests/test_gpu.py -q -p no:cacheprovider -rs
-stage lora "$python" bench/bench_gpu_recipes.py "${recipe_args[@]}" --recipes lora-sparse,lora-plain
+stage lora "$python" bench/bench_gpu_recipes.py "${recipe_args[@]}" --recipes lora-sparse,lora-plain,qlora-sparse
 exit "$status"

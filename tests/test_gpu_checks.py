@@ -60,8 +60,9 @@ def test_every_stage_runs_on_the_cpu_and_reports_what_the_goals_are_set_on(tmp_p
     tests = (tmp_path / "tests.log").read_text()
     assert " skipped" in tests and "failed" not in tests and "error" not in tests
     *lora, lora_ratios = json_lines(tmp_path / "lora.log")
-    assert [line["recipe"] for line in lora] == ["lora-sparse", "lora-plain"]
-    assert lora[0]["violations"] == 0 and lora[1]["violations"] > 0  # plain LoRA's merge fills pruned blocks
+    assert [line["recipe"] for line in lora] == ["lora-sparse", "lora-plain", "qlora-sparse"]
+    assert lora[1]["violations"] > 0  # plain LoRA's merge fills pruned blocks
+    assert lora[0]["violations"] == lora[2]["violations"] == 0  # sparse LoRA's, and sparse QLoRA's unquantized
     assert set(lora_ratios["ratios"]) == {"sparse_over_plain_lora"}
     expected = dict.fromkeys(STAGES, "passed")
     if importlib.util.find_spec("torchao") is None:  # the 8-bit recipe fails alone, and says why
