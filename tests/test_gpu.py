@@ -1,5 +1,5 @@
 """On a CUDA GPU only (skipped elsewhere): the launcher's bf16 recipes, the Trainer's FSDP2 path, masks
-across devices and layer offload."""
+across devices, sparse LoRA's update by blocks and layer offload."""
 
 import json
 import os
@@ -29,7 +29,7 @@ def assert_weights_moved(output_dir, reference_dir):
 
 @pytest.mark.parametrize("method, optim, optim_args", [("full", "", ""),
                                                        ("full", "adamw_torch_8bit", "bf16_stochastic_round=True"),
-                                                       ("lora", "", "")])
+                                                       ("lora", "", ""), ("qlora", "", "")])
 def test_the_launcher_trains_in_bf16_on_one_gpu(tmp_path, tiny_pruned_dir, small_corpus_dir, method, optim,
                                                 optim_args):
     output = tmp_path / "fine tuned"
