@@ -95,6 +95,32 @@ def test_gradients_equal_the_dense_masked_reference_and_skip_pruned_blocks(pruni
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_activation_checkpointing_gives_the_adapters_the_same_gradients(dropout, monkeypatch):
+    # The launcher trains LoRA on GPUs with activation checkpointing: the update by blocks is recomputed in
+    # backward, dropout's mask included, and the frozen base must still pass gradients down to the adapters.
+    base = tiny_llama()
+    zero_random_blocks(base)
+    model = add_sparse_lora(base, config(dropout)).train()
+    reference = copy.deepcopy(model)
+    model.gradient_checkpointing_enable()
+    calls, update = [], sparse_lora.block_masked_update
+
+    def counted_update(*args):
+        calls.append(args)
+        return update(*args)
+
+    monkeypatch.setattr(sparse_lora, "block_masked_update", counted_update)
+    for run in (model, reference):
+        torch.manual_seed(0)
+        run(input_ids=INPUT, labels=INPUT).loss.backward()
+    assert len(calls) == 3 * 14, "in the 14 layers: the checkpointed forward, its recomputation, the reference's"
+    grads, expected = lora_grads(model), lora_grads(reference)
+    assert grads.keys() == expected.keys() and len(grads) == 2 * 7 * 2
+    for name, grad in grads.items():
+        assert torch.allclose(grad, expected[name], atol=1e-7), name
+
+
 def lora_update_and_grads(update, x, lora_A, lora_B):
     x, lora_A, lora_B = (t.detach().clone().requires_grad_() for t in (x, lora_A, lora_B))
     output = update(x, lora_A, lora_B)
