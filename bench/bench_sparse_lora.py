@@ -10,10 +10,11 @@ values do not matter here), rank 8 on q, k, v, o, gate, up, down:
   2026-12-06 (the update folded into the weight, as evaluation computes it), PEFT's plain LoRA.
 
 With ``--layers`` it times one adapted linear layer of each Llama-2-7B shape instead (float32,
-20% of its blocks pruned at random, rank 8, ``--tokens`` tokens): forward + backward by the
+20% of its blocks pruned at random, rank ``--rank``, ``--tokens`` tokens): forward + backward by the
 three ways to compute the LoRA update, alternated A B C C B A: ``blocks`` (sparse LoRA in
-training), ``folded`` (``MaskedLoraFunction``: sparse LoRA in evaluation, and before 2026-12-06
-in training) and ``plain`` (PEFT's unmasked ``B(A(x))``).
+training up to rank 85), ``folded`` (``MaskedLoraFunction``: sparse LoRA in evaluation, in
+training from rank 86, and before 2026-12-06 in training) and ``plain`` (PEFT's unmasked
+``B(A(x))``).
 
 With ``--pruned DIR --adapter DIR`` (a pruned model and a LoRA adapter trained on it, e.g. by
 ``bench_lora_recovery.py``) it reports the merge instead: the largest logit difference between
@@ -21,7 +22,7 @@ the merged model and the unmerged masked adapter on 256 tokens of the embedded t
 the pruned weights made non-zero by the sparse merge and by PEFT's plain merge of the same adapter.
 
     PYTHONPATH=scripts .venv/bin/python bench/bench_sparse_lora.py [--batch 2 --seqlen 256 --steps 5]
-    PYTHONPATH=scripts .venv/bin/python bench/bench_sparse_lora.py --layers [--tokens 512 --steps 3]
+    PYTHONPATH=scripts .venv/bin/python bench/bench_sparse_lora.py --layers [--rank 8 --tokens 512 --steps 3]
     PYTHONPATH=scripts .venv/bin/python bench/bench_sparse_lora.py --pruned PRUNED_DIR --adapter ADAPTER_DIR
 """
 
@@ -106,15 +107,15 @@ def step_seconds(model, ids, steps: int) -> float:
     return median_seconds(step, steps)
 
 
-def layer_seconds(out_features: int, in_features: int, tokens: int, steps: int) -> dict:
+def layer_seconds(out_features: int, in_features: int, rank: int, tokens: int, steps: int) -> dict:
     """Forward + backward of one adapted layer by each way to compute the update: two runs each, the median
     seconds of each."""
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(out_features, in_features, generator=generator) * 0.02
     mask = BlockMask(torch.rand(out_features // 16, in_features // 16, generator=generator) < 0.2, 16)
     mask.apply_(weight)
-    lora_A = (torch.randn(8, in_features, generator=generator) * 0.02).requires_grad_()
-    lora_B = (torch.randn(out_features, 8, generator=generator) * 0.02).requires_grad_()
+    lora_A = (torch.randn(rank, in_features, generator=generator) * 0.02).requires_grad_()
+    lora_B = (torch.randn(out_features, rank, generator=generator) * 0.02).requires_grad_()
     x = torch.randn(tokens, in_features, generator=generator).requires_grad_()
     grad = torch.randn(tokens, out_features, generator=generator)
     updates = {"blocks": lambda: F.linear(x, weight) + block_masked_update(x, lora_A, lora_B, 2.0, mask),
@@ -126,11 +127,11 @@ def layer_seconds(out_features: int, in_features: int, tokens: int, steps: int) 
     return {path: [round(t, 4) for t in ts] for path, ts in times.items()}
 
 
-def layer_figures(tokens: int, steps: int) -> dict:
-    figures = {name: layer_seconds(*shape, tokens, steps) for name, shape in LLAMA_7B_LINEAR_SHAPES.items()}
+def layer_figures(rank: int, tokens: int, steps: int) -> dict:
+    figures = {name: layer_seconds(*shape, rank, tokens, steps) for name, shape in LLAMA_7B_LINEAR_SHAPES.items()}
     decoder_layer = {path: sum(len(name.split(", ")) * sum(figures[name][path]) / 2 for name in figures)
                      for path in ("blocks", "folded", "plain")}
-    return {"tokens": tokens, "seconds": figures,
+    return {"rank": rank, "tokens": tokens, "seconds": figures,
             "decoder_layer_seconds": {path: round(t, 3) for path, t in decoder_layer.items()},
             "blocks_over_plain": round(decoder_layer["blocks"] / decoder_layer["plain"], 3),
             "folded_over_plain": round(decoder_layer["folded"] / decoder_layer["plain"], 3)}
@@ -160,6 +161,7 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--layers", action="store_true", help="time one layer of each 7B shape instead")
     parser.add_argument("--tokens", type=int, default=512, help="with --layers: tokens per forward")
+    parser.add_argument("--rank", type=int, default=8, help="with --layers: the LoRA rank")
     parser.add_argument("--pruned", help="a pruned model directory (with --adapter: the merge figures)")
     parser.add_argument("--adapter", help="a LoRA adapter trained on --pruned")
     args = parser.parse_args()
@@ -167,7 +169,7 @@ def main():
         print(json.dumps(merge_figures(args.pruned, args.adapter)))
         return
     if args.layers:
-        print(json.dumps(layer_figures(args.tokens, args.steps)))
+        print(json.dumps(layer_figures(args.rank, args.tokens, args.steps)))
         return
     base = load_weights(str(model_dir()))
     prune_random_blocks(base, 0.2)

@@ -8,13 +8,14 @@ the pruned model, not from the adapter.
 
 In training, a block mask's update is computed beside the base layer by blocks of the rank-r
 factors (``BlockMaskedLoraFunction``): no (out, in) tensor is formed, forward or backward, and
-backward skips the weight gradient ``g.T @ x``, so a step costs about what plain LoRA's does.
-In evaluation, and for an element mask (unstructured pruning, which has no blocks to factor), the
-masked update is folded into the weight for one matmul per layer (``MaskedLoraFunction``, which
-keeps only ``x``, ``A`` and ``B`` for backward): the evaluation computes with exactly the weights
-the merge writes, bf16 rounding included. A 4-bit base (QLoRA) keeps its own kernel, its update
-computed beside it, and its adapter merges into the unquantized pruned model (``python -m
-dense_ft.merge_lora``).
+backward skips the weight gradient ``g.T @ x``, so a step costs about what plain LoRA's does (at
+high ranks, from 86 with 16x16 blocks, the block grid's products cost more than that gradient,
+and training folds the update as evaluation does). In evaluation, and for an element mask
+(unstructured pruning, which has no blocks to factor), the masked update is folded into the
+weight for one matmul per layer (``MaskedLoraFunction``, which keeps only ``x``, ``A`` and ``B``
+for backward): the evaluation computes with exactly the weights the merge writes, bf16 rounding
+included. A 4-bit base (QLoRA) keeps its own kernel, its update computed beside it, and its
+adapter merges into the unquantized pruned model (``python -m dense_ft.merge_lora``).
 """
 
 import dataclasses
@@ -170,9 +171,21 @@ class MaskedLoraLinear(LoraLinear):
             return super().forward(x, *args, **kwargs)  # (no pruned weight here: plain LoRA)
         base = self.get_base_layer()
         self.pruned.to(base.weight.device)  # captured before the Trainer moved the model; a no-op after
-        if isinstance(self.pruned, BlockMask) and (self.training or is_4bit(base.weight)):
+        if isinstance(self.pruned, BlockMask) and (self.training or is_4bit(base.weight)) \
+                and not self._folding_costs_less(base, adapters):
             return self._forward_by_blocks(x, base, adapters)
         return self._forward_folded(x, base, adapters)
+
+    def _folding_costs_less(self, base: nn.Module, adapters: list[str]) -> bool:
+        """Whether a training step computes the update for less folded than by blocks, in units of the layer's own
+        matmul. By blocks: three products of the block grid with rank-r tensors (one in forward, two in backward),
+        each ``r / b**2``. Folded: the weight gradient ``g.T @ x``, one unit, where one adapter without dropout
+        folds into a weight not in 4-bit; else three (the update's own matmul, forward and backward). With 16x16
+        blocks, folding pays from rank 86, or from rank 256 where it cannot fold into the weight."""
+        rank = sum(self.r[name] for name in adapters)
+        folds_into_weight = (len(adapters) == 1 and not is_4bit(base.weight)
+                             and isinstance(self.lora_dropout[adapters[0]], nn.Identity))
+        return 3 * rank >= (1 if folds_into_weight else 3) * self.pruned.block_size ** 2
 
     def _forward_by_blocks(self, x: torch.Tensor, base: nn.Module, adapters: list[str]) -> torch.Tensor:
         result = base(x)

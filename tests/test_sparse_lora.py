@@ -53,10 +53,11 @@ def dense_element_masked_linear(x, weight, lora_A, lora_B, scaling, pruned):
     return F.linear(x, update if weight is None else weight + update)
 
 
-MASKED = {  # how the model is pruned: its masks, and the function its sparse LoRA layers compute the update with
-    "blocks": (zero_random_blocks, BlockMask, (sparse_lora, "block_masked_update"), dense_block_masked_update),
-    "scattered": (lambda model: scatter_zeros(model, 0.3), ElementMask, (sparse_lora.MaskedLoraFunction, "apply"),
-                  dense_element_masked_linear),
+FOLDED = (sparse_lora.MaskedLoraFunction, "apply")
+MASKED = {  # pruning, rank: the masks, and the function the layers compute the update with in training
+    "blocks": (zero_random_blocks, 4, BlockMask, (sparse_lora, "block_masked_update"), dense_block_masked_update),
+    "blocks, rank 256": (zero_random_blocks, 256, BlockMask, FOLDED, dense_element_masked_linear),
+    "scattered": (lambda model: scatter_zeros(model, 0.3), 4, ElementMask, FOLDED, dense_element_masked_linear),
 }
 
 
@@ -67,10 +68,10 @@ def lora_grads(model):
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("pruning", MASKED)
 def test_gradients_equal_the_dense_masked_reference_and_skip_pruned_blocks(pruning, dropout, monkeypatch):
-    prune, mask_type, function, reference_function = MASKED[pruning]
+    prune, rank, mask_type, function, reference_function = MASKED[pruning]
     base = tiny_llama()
     prune(base)
-    model = add_sparse_lora(base, config(dropout)).train()
+    model = add_sparse_lora(base, config(dropout, r=rank)).train()
     assert all(isinstance(m.pruned, mask_type) for m in model.modules() if isinstance(m, MaskedLoraLinear))
     reference = copy.deepcopy(model)
     torch.manual_seed(0)
@@ -119,6 +120,20 @@ def test_activation_checkpointing_gives_the_adapters_the_same_gradients(dropout,
     assert grads.keys() == expected.keys() and len(grads) == 2 * 7 * 2
     for name, grad in grads.items():
         assert torch.allclose(grad, expected[name], atol=1e-7), name
+
+
+@pytest.mark.parametrize("rank, dropout, by_blocks", [(85, 0.0, True), (86, 0.0, False), (255, 0.1, True),
+                                                     (256, 0.1, False)])
+def test_training_computes_a_block_masked_update_the_cheaper_way(rank, dropout, by_blocks, monkeypatch):
+    # By blocks: 3 products of the 16x16 block grid, rank / 256 of the layer's matmul each; folded: the weight
+    # gradient, one matmul, or three where dropout keeps the update out of the weight.
+    base = tiny_llama()
+    zero_random_blocks(base)
+    model = add_sparse_lora(base, config(dropout, r=rank)).train()
+    calls, update = [], sparse_lora.block_masked_update
+    monkeypatch.setattr(sparse_lora, "block_masked_update", lambda *args: calls.append(args) or update(*args))
+    model(input_ids=INPUT, labels=INPUT)
+    assert len(calls) == (14 if by_blocks else 0)
 
 
 def lora_update_and_grads(update, x, lora_A, lora_B):
