@@ -65,6 +65,18 @@ def lora_grads(model):
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
+def counted_calls(monkeypatch, owner, name: str, function=None) -> list:
+    """``owner.name`` replaced by ``function`` (default: itself) for the test; the arguments of each call."""
+    calls, function = [], function or getattr(owner, name)
+
+    def counted(*args):
+        calls.append(args)
+        return function(*args)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("pruning", MASKED)
 def test_gradients_equal_the_dense_masked_reference_and_skip_pruned_blocks(pruning, dropout, monkeypatch):
@@ -77,13 +89,7 @@ def test_gradients_equal_the_dense_masked_reference_and_skip_pruned_blocks(pruni
     torch.manual_seed(0)
     loss = model(input_ids=INPUT, labels=INPUT).loss
     loss.backward()
-    calls = []
-
-    def counted_reference(*args):
-        calls.append(args)
-        return reference_function(*args)
-
-    monkeypatch.setattr(*function, counted_reference)
+    calls = counted_calls(monkeypatch, *function, reference_function)
     torch.manual_seed(0)
     expected_loss = reference(input_ids=INPUT, labels=INPUT).loss
     expected_loss.backward()
@@ -105,13 +111,7 @@ def test_activation_checkpointing_gives_the_adapters_the_same_gradients(dropout,
     model = add_sparse_lora(base, config(dropout)).train()
     reference = copy.deepcopy(model)
     model.gradient_checkpointing_enable()
-    calls, update = [], sparse_lora.block_masked_update
-
-    def counted_update(*args):
-        calls.append(args)
-        return update(*args)
-
-    monkeypatch.setattr(sparse_lora, "block_masked_update", counted_update)
+    calls = counted_calls(monkeypatch, sparse_lora, "block_masked_update")
     for run in (model, reference):
         torch.manual_seed(0)
         run(input_ids=INPUT, labels=INPUT).loss.backward()
@@ -130,8 +130,7 @@ def test_training_computes_a_block_masked_update_the_cheaper_way(rank, dropout, 
     base = tiny_llama()
     zero_random_blocks(base)
     model = add_sparse_lora(base, config(dropout, r=rank)).train()
-    calls, update = [], sparse_lora.block_masked_update
-    monkeypatch.setattr(sparse_lora, "block_masked_update", lambda *args: calls.append(args) or update(*args))
+    calls = counted_calls(monkeypatch, sparse_lora, "block_masked_update")
     model(input_ids=INPUT, labels=INPUT)
     assert len(calls) == (14 if by_blocks else 0)
 
