@@ -8,7 +8,7 @@
 #   recipes   SparseTrainer against the plain Trainer in the order A B B A, the dense teacher's
 #             cost (bf16) and peak memory (8-bit AdamW), then their ratios against the goals
 #   offload   Wanda pruning with and without layer offload (7B shape, 128 x 4096)
-#   tests     the GPU-only tests (tests/test_gpu.py)
+#   tests     the GPU-only tests (tests/test_gpu.py), four at a time
 #   lora      sparse LoRA against plain LoRA, and sparse QLoRA's peak memory (7B shape)
 # STAGES (comma-separated, default all) runs some of them, e.g. STAGES=tests,lora after a first call.
 # Each stage's output goes to LOG_DIR/STAGE.log (default bench_logs/), and a line with its outcome
@@ -64,6 +64,7 @@ stage masking "$python" bench/bench_masking.py "${masking_args[@]}"
 stage recipes "$python" bench/bench_gpu_recipes.py "${recipe_args[@]}" \
     --recipes bf16,bf16-unmasked,bf16-unmasked,bf16,bf16-distill,8bit-sr-distill
 stage offload "$python" bench/bench_offload_pruning.py "${offload_args[@]}"
-stage tests "$python" -m pytest tests/test_gpu.py -q -p no:cacheprovider -rs
+# Several tests at once (each a tiny model, most a launcher run in a process of its own): minutes less.
+stage tests "$python" -m pytest tests/test_gpu.py -q -p no:cacheprovider -rs -n auto --maxprocesses 4
 stage lora "$python" bench/bench_gpu_recipes.py "${recipe_args[@]}" --recipes lora-sparse,lora-plain,qlora-sparse
 exit "$status"
