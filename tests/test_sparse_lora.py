@@ -183,10 +183,11 @@ def test_the_merge_keeps_every_pruned_weight_zero_and_the_same_function():
     assert leaked > 0.9 * sum(int(p.sum()) for p in pruned.values())
 
 
-def test_training_moves_only_the_adapters_and_the_merge_stays_sparse(tmp_path):
+@pytest.mark.parametrize("rank, dropout", [(4, 0.05), (96, 0.0)])  # trained by blocks; folded
+def test_training_moves_only_the_adapters_and_the_merge_stays_sparse(tmp_path, rank, dropout):
     base, pruned = pruned_model()
     frozen = {name: p.detach().clone() for name, p in base.named_parameters()}
-    model = add_sparse_lora(base, config(dropout=0.05, init_lora_weights=True))
+    model = add_sparse_lora(base, config(dropout, r=rank, init_lora_weights=True))
     before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     Trainer(model=model, args=training_args(tmp_path, learning_rate=1e-2), train_dataset=token_dataset()).train()
     trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
