@@ -29,12 +29,11 @@ the pruned weights made non-zero by the sparse merge and by PEFT's plain merge o
 import argparse
 import copy
 import json
-import statistics
-import time
 
 import torch
 from peft import get_peft_model
 from prepare_embedded import corpus_dir, model_dir
+from step_timer import median_seconds
 from torch.nn import functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -84,16 +83,6 @@ def saved_activation_bytes(model, ids) -> int:
     loss.backward()
     model.zero_grad(set_to_none=True)
     return sum(storages.values())
-
-
-def median_seconds(run, steps: int) -> float:
-    """The median duration of ``run()`` over ``steps`` calls after a warm-up call."""
-    durations = []
-    for _ in range(steps + 1):
-        started = time.perf_counter()
-        run()
-        durations.append(time.perf_counter() - started)
-    return statistics.median(durations[1:])
 
 
 def step_seconds(model, ids, steps: int) -> float:
