@@ -410,15 +410,19 @@ def load_in_4bit(model_dir, nested=False):
         bnb_4bit_use_double_quant=nested))
 
 
+@pytest.mark.parametrize("rank", [4, 256])  # trained by blocks; folded (the update in a matmul of its own)
 def test_qlora_on_the_4bit_pruned_model_trains_masked_and_merges_sparse_into_the_unquantized_one(tmp_path,
-                                                                                                tiny_pruned_dir):
+                                                                                                tiny_pruned_dir, rank,
+                                                                                                monkeypatch):
     unquantized = AutoModelForCausalLM.from_pretrained(tiny_pruned_dir)
     reference = SparsityMasks(unquantized)
-    model = add_sparse_lora(load_in_4bit(tiny_pruned_dir), lora_config(4, 8, 0.0, ["all-linear"]))
+    model = add_sparse_lora(load_in_4bit(tiny_pruned_dir), lora_config(rank, 2 * rank, 0.0, ["all-linear"]))
     masks = SparsityMasks(model)  # read through the 4-bit codes, which keep the pruned zeros
     assert masks.violations() == {} and all(torch.equal(masks.masks[f"base_model.model.{name}.base_layer"].dense(),
                                                         mask.dense()) for name, mask in reference.masks.items())
+    by_blocks = counted_calls(monkeypatch, sparse_lora, "block_masked_update")
     SparseLoraTrainer(model=model, args=training_args(tmp_path / "run"), train_dataset=token_dataset()).train()
+    assert bool(by_blocks) == (rank == 4)
     assert merge_lora.update_on_pruned_blocks(model, masks)["pruned_weights_a_plain_merge_would_change"] > 0
 
     q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
