@@ -102,8 +102,9 @@ class BlockMaskedLoraFunction(torch.autograd.Function):
     ``kept`` (out / b, in / b) is 1 where a block is kept. Row block ``o`` of the update is
     ``S[o] @ B[o].T`` (``_kept_block_sums``), and backward runs the same sums the other way, from the
     gradient's products with ``B``. No (out, in) tensor, no weight gradient ``g.T @ x``: the work beyond plain
-    LoRA's is a matmul of the block grid with rank-r tensors, about ``r / b**2`` of the layer's own matmul
-    (3% at rank 8). Saves ``x``, ``A``, ``B`` and ``kept``, and recomputes the sums.
+    LoRA's is three matmuls of the block grid with rank-r tensors per step (one forward, two backward), each
+    about ``r / b**2`` of the layer's own matmul (3% at rank 8). Saves ``x``, ``A``, ``B`` and ``kept``, and
+    recomputes the sums.
     """
 
     @staticmethod
@@ -181,7 +182,8 @@ class MaskedLoraLinear(LoraLinear):
         matmul. By blocks: three products of the block grid with rank-r tensors (one in forward, two in backward),
         each ``r / b**2``. Folded: the weight gradient ``g.T @ x``, one unit, where one adapter without dropout
         folds into a weight not in 4-bit; else three (the update's own matmul, forward and backward). With 16x16
-        blocks, folding pays from rank 86, or from rank 256 where it cannot fold into the weight."""
+        blocks, folding pays from rank 86, or from rank 256 where it cannot fold into the weight. (A 4-bit base in
+        evaluation compares one product with one matmul: the same threshold.)"""
         rank = sum(self.r[name] for name in adapters)
         folds_into_weight = (len(adapters) == 1 and not is_4bit(base.weight)
                              and isinstance(self.lora_dropout[adapters[0]], nn.Identity))
