@@ -110,7 +110,7 @@ def test_activation_checkpointing_gives_the_adapters_the_same_gradients(dropout,
     zero_random_blocks(base)
     model = add_sparse_lora(base, config(dropout)).train()
     reference = copy.deepcopy(model)
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     calls = counted_calls(monkeypatch, sparse_lora, "block_masked_update")
     for run in (model, reference):
         torch.manual_seed(0)
