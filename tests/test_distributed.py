@@ -103,10 +103,15 @@ def test_fsdp1_flattened_weights_are_refused_in_one_line(tmp_path):
         assert "not FSDP1's flattened parameters (set the FSDP config's version to 2)" in refusal
 
 
-def test_training_unsynchronized_replicas_is_refused(tmp_path):
+def test_evaluate_before_train_never_trains_the_replicas_apart(tmp_path):
+    # Transformers from 5.24 leaves the model unwrapped by DDP after an evaluate() before train(): the guard then
+    # refuses on every rank. Where it wraps the model (5.23), the replicas must have trained synchronized.
     result = run_torchrun("tests/ddp_guard_worker.py", tmp_path)
-    assert result.returncode != 0
-    assert result.stdout.count("refused: the model is not wrapped in DistributedDataParallel") == 2
+    refusals = result.stdout.count("refused: the model is not wrapped in DistributedDataParallel")
+    if refusals:
+        assert refusals == 2 and result.returncode != 0, result.stdout
+    else:
+        assert result.returncode == 0 and result.stdout.count("replicas equal") == 2, result.stdout + result.stderr
 
 
 def test_an_effective_batch_the_processes_cannot_make_is_refused_under_torchrun(tmp_path, tiny_pruned_dir,
