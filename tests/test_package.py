@@ -4,9 +4,12 @@ import subprocess
 import sys
 import sysconfig
 import tomllib
+from itertools import chain
 from pathlib import Path
 
 from conftest import REPO_ROOT
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 TOOLS = {"dense-ft-prune": "Prune a causal LM", "dense-ft-finetune": "--model_name_or_path",
          "dense-ft-check-sparsity": "Sparsity report", "dense-ft-merge-lora": "Merge a PEFT LoRA adapter"}
@@ -31,6 +34,19 @@ def test_pip_install_in_a_fresh_venv_gives_the_package_and_its_console_scripts(t
         result = subprocess.run([str(venv / "bin" / tool), "--help"], cwd=tmp_path, capture_output=True, text=True,
                                 timeout=120)
         assert result.returncode == 0 and expected in result.stdout, (tool, result.stderr[-2000:])
+
+
+def test_the_pinned_versions_lie_in_the_package_ranges():
+    """What CI installs (requirements.txt) is one of the sets that ``pip install .`` may resolve to."""
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    ranges = {canonicalize_name(requirement.name): requirement.specifier
+              for requirement in map(Requirement, chain(project["dependencies"],
+                                                        *project["optional-dependencies"].values()))}
+    pins = {canonicalize_name(requirement.name): next(iter(requirement.specifier)).version
+            for line in (REPO_ROOT / "requirements.txt").read_text().splitlines() if line.split("#")[0].strip()
+            for requirement in [Requirement(line.split("#")[0])]}
+    assert {name: pins[name] for name in ranges.keys() & pins.keys() if pins[name] not in ranges[name]} == {}
+    assert ranges.keys() - pins.keys() == {"torchao"}  # the 8-bit optimizers' extra, which only GPU checks install
 
 
 def test_no_code_edits_the_import_path():
