@@ -185,9 +185,13 @@ class MaskedLoraLinear(LoraLinear):
         blocks, folding pays from rank 86, or from rank 256 where it cannot fold into the weight. (A 4-bit base in
         evaluation compares one product with one matmul: the same threshold.)"""
         rank = sum(self.r[name] for name in adapters)
-        folds_into_weight = (len(adapters) == 1 and not is_4bit(base.weight)
-                             and isinstance(self.lora_dropout[adapters[0]], nn.Identity))
+        folds_into_weight = len(adapters) == 1 and self._folds_into_weight(base, adapters[0])
         return 3 * rank >= (1 if folds_into_weight else 3) * self.pruned.block_size ** 2
+
+    def _folds_into_weight(self, base: nn.Module, name: str) -> bool:
+        """Whether adapter ``name``'s folded update joins the base weight in one matmul: not a 4-bit weight, which
+        has its own kernel, and not in training through dropout, which must see the update's input alone."""
+        return not is_4bit(base.weight) and (isinstance(self.lora_dropout[name], nn.Identity) or not self.training)
 
     def _forward_by_blocks(self, x: torch.Tensor, base: nn.Module, adapters: list[str]) -> torch.Tensor:
         result = base(x)
@@ -201,16 +205,15 @@ class MaskedLoraLinear(LoraLinear):
         result = None
         for name in adapters:
             lora_A, lora_B = self.lora_A[name].weight, self.lora_B[name].weight
-            dropout = self.lora_dropout[name]
-            if result is None and not is_4bit(base.weight) and (isinstance(dropout, nn.Identity) or not self.training):
+            if result is None and self._folds_into_weight(base, name):
                 result = MaskedLoraFunction.apply(x, base.weight, lora_A, lora_B, self.scaling[name], self.pruned)
                 if base.bias is not None:
                     result = result + base.bias
             else:  # the update in a matmul of its own: dropout sees only its input, a 4-bit base has its own kernel
                 if result is None:
                     result = base(x)
-                result = result + MaskedLoraFunction.apply(dropout(x), None, lora_A, lora_B, self.scaling[name],
-                                                           self.pruned)
+                result = result + MaskedLoraFunction.apply(self.lora_dropout[name](x), None, lora_A, lora_B,
+                                                           self.scaling[name], self.pruned)
         return result
 
 
