@@ -223,8 +223,11 @@ def sparse_lora_config(config: LoraConfig) -> LoraConfig:
     Refused: LoRA variants (DoRA and the others PEFT marks so in ``LoraConfig``: their forward and merge are not
     ``W + s * B @ A``), a LoRA bias, and initializations that rewrite the base weight.
     """
-    variants = [field.name for field in dataclasses.fields(config)
-                if field.metadata.get("is_lora_variant") and getattr(config, field.name)]
+    marked = [field.name for field in dataclasses.fields(config) if field.metadata.get("is_lora_variant")]
+    if "use_dora" not in marked:  # PEFT before 0.20 marks no variant: none would be seen, none refused
+        raise UserError("sparse LoRA needs peft >= 0.20, whose LoraConfig marks the LoRA variants (DoRA, ...) it "
+                        "must refuse: pip install 'peft>=0.20,<1'")
+    variants = [name for name in marked if getattr(config, name)]
     if variants or config.lora_bias:
         raise UserError(f"sparse LoRA supports plain LoRA adapters, not {', '.join(variants) or 'lora_bias'}")
     if config.init_lora_weights not in BASE_PRESERVING_INITS:

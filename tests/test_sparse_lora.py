@@ -1,6 +1,7 @@
 """Sparse LoRA: masked adapters train, merge and reload without touching a pruned block."""
 
 import copy
+import dataclasses
 import json
 import re
 import shutil
@@ -281,6 +282,18 @@ def test_bf16_training_and_merge_compute_the_same_function(tmp_path):
 def test_lora_variants_a_bias_and_inits_that_rewrite_the_base_weight_are_refused(overrides, refusal):
     with pytest.raises(UserError, match=re.escape(refusal)):
         add_sparse_lora(pruned_model()[0], config(**overrides))
+
+
+@dataclasses.dataclass
+class UnmarkedLoraConfig(LoraConfig):
+    """``use_dora`` as PEFT before 0.20 declares it: no ``is_lora_variant`` mark."""
+    use_dora: bool = False
+
+
+def test_a_peft_that_marks_no_lora_variant_is_refused_rather_than_trusted():
+    """Otherwise DoRA would pass unseen (the marks are how the variants are found)."""
+    with pytest.raises(UserError, match=re.escape("sparse LoRA needs peft >= 0.20")):
+        add_sparse_lora(pruned_model()[0], UnmarkedLoraConfig(r=4, use_dora=True, target_modules=["q_proj"]))
 
 
 def test_pissa_would_fill_the_pruned_blocks_of_the_base_weight():
