@@ -22,6 +22,7 @@ from dense_ft.errors import UserError, exit_on_user_error, first_line
 from dense_ft.masks import ElementMask, blocks_lost, capture_mask, is_unstructured_pruning, prunes_exact_counts
 from dense_ft.modeling import check_model_source
 from dense_ft.sparsity import PATTERN_KEY, validate_pattern
+from dense_ft.versions import check_installed_versions
 
 WORST_LAYERS_SHOWN = 10
 # The decoder layers' linear weights, as prunable_linears names their modules (plus ".weight").
@@ -163,6 +164,7 @@ def main(argv=None) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     with exit_on_user_error():
+        check_installed_versions()
         result = report(args)
     exit_with_report(result, args.json, print_report)
 

@@ -75,6 +75,7 @@ from dense_ft.sparse_lora import LLAMA_TARGET_MODULES, lora_config, sparse_lora_
 from dense_ft.sparse_trainer import SparseLoraTrainer, SparseTrainer, check_sparsity, check_steps_after_backward
 from dense_ft.sparsity import PATTERN_KEY, is_4bit
 from dense_ft.text import hold_out_validation, load_corpus, load_text_files, load_wikitext_dir
+from dense_ft.versions import check_installed_versions
 
 INTERRUPTED_EXIT_CODE = 130
 
@@ -686,6 +687,7 @@ def main(argv=None) -> None:
     # A process a script starts with `&` ignores SIGINT: take it back, for the scripts that pass Ctrl+C on.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     with exit_on_user_error():
+        check_installed_versions()  # before parsing: an old transformers would not know some flags
         model_args, data_args, lora_args, distill_args, training_args = parse_args(argv)
         try:
             sys.exit(run(model_args, data_args, lora_args, distill_args, training_args))

@@ -29,6 +29,7 @@ from dense_ft.sparse_lora import (
     pruned_weight_copies,
 )
 from dense_ft.sparsity import check_sparsity
+from dense_ft.versions import check_installed_versions
 
 
 def adapter_updates(peft_model, masks: SparsityMasks):
@@ -104,6 +105,7 @@ def main(argv=None) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     with exit_on_user_error():
+        check_installed_versions()
         report = merge(args.pruned_model, args.adapter, args.output_dir, args.torch_dtype)
     exit_with_report(report, args.json, print_report)
 

@@ -32,6 +32,7 @@ from .modeling import default_device, load_model, save_model
 from .output_dir import check_not_an_input, check_output_path
 from .sparsity import check_sparsity
 from .text import joined_text, load_corpus
+from .versions import check_installed_versions
 from .wanda import calibration_windows, check_prunable, prune_wanda_blocks
 
 
@@ -248,6 +249,7 @@ def write_results(results: dict, directory: str) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     with exit_on_user_error():
+        check_installed_versions()
         run(args)
 
 

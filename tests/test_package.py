@@ -1,15 +1,22 @@
 """The package installs with pip and its tools run from anywhere, with no path set by hand."""
 
+import os
+import shutil
 import subprocess
 import sys
 import sysconfig
 import tomllib
+from importlib import metadata
 from itertools import chain
 from pathlib import Path
 
+import pytest
 from conftest import REPO_ROOT
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+from dense_ft.errors import UserError
+from dense_ft.versions import check_installed_versions, installed_requirements
 
 TOOLS = {"dense-ft-prune": "Prune a causal LM", "dense-ft-finetune": "--model_name_or_path",
          "dense-ft-check-sparsity": "Sparsity report", "dense-ft-merge-lora": "Merge a PEFT LoRA adapter"}
@@ -23,7 +30,8 @@ def test_pip_install_in_a_fresh_venv_gives_the_package_and_its_console_scripts(t
     site = next(venv.glob("lib/python3*/site-packages"))
     (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     python = venv / "bin" / "python"
-    install = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-build-isolation", str(REPO_ROOT)],
+    install = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-build-isolation",
+                              str(project_sources(tmp_path / "project"))],
                              capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert install.returncode == 0, install.stderr[-2000:]
     assert (site / "dense_ft" / "sparse_lora.py").exists()
@@ -34,6 +42,15 @@ def test_pip_install_in_a_fresh_venv_gives_the_package_and_its_console_scripts(t
         result = subprocess.run([str(venv / "bin" / tool), "--help"], cwd=tmp_path, capture_output=True, text=True,
                                 timeout=120)
         assert result.returncode == 0 and expected in result.stdout, (tool, result.stderr[-2000:])
+
+
+def project_sources(destination: Path) -> Path:
+    """What ``pip install .`` builds from, copied: a build in the checkout would rewrite its dense_ft.egg-info,
+    where other tests meanwhile read the package's ranges (``dense_ft.versions``)."""
+    shutil.copytree(REPO_ROOT / "dense_ft", destination / "dense_ft", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO_ROOT / name, destination)
+    return destination
 
 
 def test_the_pinned_versions_lie_in_the_package_ranges():
@@ -47,6 +64,48 @@ def test_the_pinned_versions_lie_in_the_package_ranges():
             for requirement in [Requirement(line.split("#")[0])]}
     assert {name: pins[name] for name in ranges.keys() & pins.keys() if pins[name] not in ranges[name]} == {}
     assert ranges.keys() - pins.keys() == {"torchao"}  # the 8-bit optimizers' extra, which only GPU checks install
+
+
+def test_the_tools_check_the_ranges_of_pyproject_and_this_environment_meets_them():
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    checked = [Requirement(line) for line in installed_requirements()]
+    assert {str(r) for r in checked if r.marker is None} == {str(Requirement(line)) for line in project["dependencies"]}
+    check_installed_versions()
+
+
+@pytest.mark.parametrize("requirements, refusal", [
+    (["peft>=0.20,<1", "torch>=99"],
+     "torch {torch} is installed, but dense-ft needs torch>=99: pip install 'torch>=99'"),
+    (["no-such-package>=1"], "no-such-package is not installed: pip install 'no-such-package>=1'"),
+])
+def test_a_release_out_of_range_or_missing_is_refused_in_one_line(requirements, refusal):
+    with pytest.raises(UserError) as refused:
+        check_installed_versions(requirements)
+    assert str(refused.value) == refusal.format(torch=metadata.version("torch"))
+
+
+def test_an_extra_is_not_checked():
+    check_installed_versions(['no-such-package>=1; extra == "qlora"'])
+
+
+@pytest.mark.parametrize("tool, args", [
+    ("dense_ft.finetune", ["--model_name_or_path", "absent", "--output_dir", "absent-out"]),
+    ("dense_ft.prune", ["--model", "absent"]),
+    ("dense_ft.merge_lora", ["absent", "absent-adapter", "absent-out"]),
+    ("dense_ft.check_sparsity", ["absent"]),
+])
+def test_each_tool_refuses_a_peft_older_than_its_range_before_any_work(tool, args, tmp_path):
+    """Metadata of PEFT 0.19.0 ahead of the real one on the path: what ``importlib.metadata`` reads of an
+    environment with that release installed. Run outside the checkout, where a dense_ft.egg-info left by a build
+    would be read instead of the installed package's metadata."""
+    dist_info = tmp_path / "peft-0.19.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: peft\nVersion: 0.19.0\n")
+    result = subprocess.run([sys.executable, "-m", tool, *args], env={**os.environ, "PYTHONPATH": str(tmp_path)},
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.splitlines()[-1] == ("error: peft 0.19.0 is installed, but dense-ft needs peft<1,>=0.20: "
+                                              "pip install 'peft<1,>=0.20'")
 
 
 def test_no_code_edits_the_import_path():
