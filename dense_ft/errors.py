@@ -3,6 +3,11 @@
 import sys
 from contextlib import contextmanager
 
+import torch
+
+# What the CPU allocator's failure says (a plain RuntimeError; a device's is torch.OutOfMemoryError).
+CPU_ALLOCATOR_FAILURE = "DefaultCPUAllocator: can't allocate memory"
+
 
 class UserError(Exception):
     """A problem with the user's input: reported as one line, never as a traceback."""
@@ -20,3 +25,16 @@ def exit_on_user_error(exit_code: int = 2):
     except UserError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(exit_code)
+
+
+@contextmanager
+def out_of_memory_as_user_error(remedies: list[str]):
+    """Running out of memory, on a device or the CPU, as one line: the ``remedies`` (what to lower or add), then what
+    ran out."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as error:  # MemoryError: Python's own objects
+        if not isinstance(error, (torch.OutOfMemoryError, MemoryError)) and CPU_ALLOCATOR_FAILURE not in str(error):
+            raise
+        advice = ", ".join(remedies[:-1]) + (" or " if len(remedies) > 1 else "") + remedies[-1]
+        raise UserError(f"out of memory: {advice} ({first_line(error)})") from error

@@ -63,7 +63,7 @@ from dense_ft.distillation import (
     DistillingSparseTrainer,
     load_teacher,
 )
-from dense_ft.errors import UserError, exit_on_user_error, first_line
+from dense_ft.errors import UserError, exit_on_user_error, first_line, out_of_memory_as_user_error
 from dense_ft.hub import create_hub_repo, push_output_dir
 from dense_ft.interrupt import StopOnSignal
 from dense_ft.masks import DEFAULT_BLOCK_SIZE, BlockMask, SparsityMasks
@@ -522,8 +522,23 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
     check_not_an_input(training_args.output_dir, "--output_dir", inputs)
     if training_args.push_to_hub and training_args.process_index == 0:
         create_hub_repo(training_args)
-    with locked_output_dir(training_args.output_dir) if training_args.process_index == 0 else nullcontext():
+    with (locked_output_dir(training_args.output_dir) if training_args.process_index == 0 else nullcontext(),
+          out_of_memory_as_user_error(memory_remedies(model_args, lora_args, training_args))):
         return train_and_save(model_args, data_args, lora_args, distill_args, training_args)
+
+
+def memory_remedies(model_args: ModelArguments, lora_args: LoraArguments,
+                    training_args: SparseTrainingArguments) -> list[str]:
+    """What takes less memory than this run, the largest saving last."""
+    remedies = ["lower --per_device_train_batch_size, keeping the batch with --effective_batch_size (the run then "
+                "resumes from its last checkpoint)"]
+    if not (training_args.activation_checkpointing or training_args.gradient_checkpointing):
+        remedies.append("add --activation_checkpointing true")
+    if not lora_args.lora:
+        remedies.append("train sparse LoRA (--lora)")
+    elif not model_args.load_in_4bit:
+        remedies.append("load the pruned model in 4-bit (--load_in_4bit)")
+    return remedies
 
 
 def train_and_save(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,

@@ -16,7 +16,7 @@ import time
 import torch
 
 from .checkpoints import SAVE_ERRORS
-from .errors import UserError, exit_on_user_error, first_line
+from .errors import UserError, exit_on_user_error, first_line, out_of_memory_as_user_error
 from .evaluation import (
     ZERO_SHOT_TASKS,
     accuracies,
@@ -246,9 +246,18 @@ def write_results(results: dict, directory: str) -> None:
             print(f"{task}\t{accuracy:.4f}", file=f)
 
 
+def memory_remedies(args: argparse.Namespace) -> list[str]:
+    remedies = ["lower --nsamples or --seqlen"]
+    if not args.offload and torch.device(args.device).type != "cpu":
+        remedies.append(f"add --offload (the weights stay on the CPU, one decoder layer at a time on {args.device})")
+    if args.eval_zero_shot and args.eval_batch_size != 1:
+        remedies.append("lower --eval_batch_size")
+    return remedies
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
-    with exit_on_user_error():
+    with exit_on_user_error(), out_of_memory_as_user_error(memory_remedies(args)):
         check_installed_versions()
         run(args)
 

@@ -1,6 +1,7 @@
 """Faults lose nothing: each test reproduces one way a run used to lose work or report a failure as success."""
 
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -11,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO_ROOT, run_python
+from conftest import REPO_ROOT, file_contents, run_python
 from test_finetune import check_sparsity_cli, finetune_args
 from test_launcher import LAUNCHER, system_path_without_nvidia_smi, write_executable
 from tiny_models import tiny_llama, zero_random_blocks
@@ -20,6 +21,7 @@ from transformers import AutoModelForCausalLM, TrainingArguments
 from dense_ft import guarded_trainer
 from dense_ft.checkpoints import MARKER, mark_complete
 from dense_ft.divergence import NonFiniteGuard, TrainingDiverged
+from dense_ft.errors import UserError, out_of_memory_as_user_error
 from dense_ft.finetune import main as finetune_main
 from dense_ft.prune import main as prune_main
 from dense_ft.sparsity import prunable_linears
@@ -281,6 +283,74 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, tiny_pr
                              "same command again to resume from it and save the model")
         assert f"run/checkpoint-1/{MARKER}" in files
     assert "run/adapter/adapter_model.safetensors" in outcome("qlora_merge")[2]  # the merge is what did not fit
+
+
+# 6. Running out of memory was a traceback.
+MEMORY_CAP = 4 * 2**30
+
+
+def run_in_capped_memory(args) -> subprocess.CompletedProcess:
+    """Real allocation failures: the process's address space capped (RLIMIT_AS) well under what ``args`` ask for,
+    with few malloc arenas and threads, which reserve address space whatever the run."""
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
+
+    env = {**os.environ, "MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=300, env=env, preexec_fn=cap)
+
+
+def test_a_batch_that_does_not_fit_is_one_line_keeps_the_checkpoint_and_the_advice_resumes(
+        tmp_path, tiny_pruned_dir, small_corpus_dir, capsys):
+    output = tmp_path / "run"
+    batch = ["--effective_batch_size", 448, "--save_steps", 1, "--max_eval_samples", 1]
+    status, _, err = finetune(capsys, tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 1, *batch)
+    assert status == 0, err[-2000:]
+    checkpoint = file_contents(output / "checkpoint-1")
+
+    # 448 sequences at once: their logits alone (448 x 32 x 49,152 float32) are 2.6 GiB.
+    capped = run_in_capped_memory(finetune_args(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 2, *batch,
+                                                "--per_device_train_batch_size", 448))
+    assert capped.returncode == 2 and "Traceback" not in capped.stderr, capped.stderr[-3000:]
+    last = capped.stderr.strip().splitlines()[-1]  # (after a progress bar's last state, on the same line)
+    assert ("error: out of memory: lower --per_device_train_batch_size, keeping the batch with --effective_batch_size "
+            "(the run then resumes from its last checkpoint), add --activation_checkpointing true or train sparse "
+            "LoRA (--lora) ([enforce fail") in last and "DefaultCPUAllocator: can't allocate memory" in last, last
+    assert file_contents(output / "checkpoint-1") == checkpoint and not (output / "checkpoint-2").exists()
+
+    status, out, err = finetune(capsys, tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 2, *batch)
+    assert status == 0 and "Resuming from" in out, err[-2000:]
+    assert (output / "checkpoint-2").exists()
+
+
+def test_calibration_that_does_not_fit_is_one_line_naming_what_to_lower(embedded_model_dir, embedded_corpus_dir):
+    """2,000 windows of 2,048 tokens: 9 GiB of hidden states for SmolLM2's 576 dimensions."""
+    capped = run_in_capped_memory(["main_block.py", "--model", embedded_model_dir, "--sparsity_ratio", 0.2,
+                                   "--nsamples", 2000, "--seqlen", 2048, "--calib_dataset", embedded_corpus_dir,
+                                   "--eval_dataset", embedded_corpus_dir])
+    assert capped.returncode == 2 and "Traceback" not in capped.stderr, capped.stderr[-3000:]
+    last = capped.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: out of memory: lower --nsamples or --seqlen ([enforce fail") and (
+        "DefaultCPUAllocator: can't allocate memory" in last), last
+
+
+CUDA_OUT_OF_MEMORY = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of "
+                      "which 1.06 GiB is free.")  # (torch's message goes on, on the same line)
+
+
+@pytest.mark.parametrize("error, line", [
+    (torch.OutOfMemoryError(CUDA_OUT_OF_MEMORY), f"out of memory: a, b or c ({CUDA_OUT_OF_MEMORY})"),
+    (MemoryError(), "out of memory: a, b or c (MemoryError)"),
+])
+def test_a_device_or_python_out_of_memory_is_one_line_too(error, line):
+    with pytest.raises(UserError) as refused, out_of_memory_as_user_error(["a", "b", "c"]):
+        raise error
+    assert str(refused.value) == line
+
+
+def test_other_runtime_errors_pass_as_they_are():
+    with pytest.raises(NotImplementedError), out_of_memory_as_user_error(["a"]):
+        raise NotImplementedError("not an allocation")
 
 
 # 7. Silent assumptions.

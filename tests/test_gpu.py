@@ -1,5 +1,5 @@
 """On a CUDA GPU only (skipped elsewhere): the launcher's bf16 recipes, the Trainer's FSDP2 path, masks
-across devices, sparse LoRA's update by blocks and layer offload."""
+across devices, sparse LoRA's update by blocks, layer offload, and running out of GPU memory."""
 
 import json
 import os
@@ -110,3 +110,24 @@ def test_layer_offload_on_the_gpu_prunes_the_same_blocks_and_leaves_the_weights_
     expected = perplexity(whole, ids.flatten(), 64, progress=False)
     assert perplexity(offloaded, ids.flatten(), 64, progress=False, offload_device="cuda") == pytest.approx(
         expected, rel=1e-4)
+
+
+def test_a_batch_the_gpu_cannot_hold_is_one_line_naming_what_to_lower(tmp_path, tiny_pruned_dir, small_corpus_dir,
+                                                                       capsys):
+    """The caching allocator held to 0.5% of the card raises its own torch.OutOfMemoryError, as a batch too big for
+    the whole card would."""
+    from dense_ft.finetune import main as finetune_main
+
+    torch.cuda.set_per_process_memory_fraction(0.005)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            finetune_main(["--model_name_or_path", str(tiny_pruned_dir), "--dataset_dir", str(small_corpus_dir),
+                           "--output_dir", str(tmp_path / "run"), "--block_size", "256", "--bf16", "true",
+                           "--per_device_train_batch_size", "64", "--max_steps", "1", "--save_strategy", "no",
+                           "--eval_strategy", "no", "--report_to", "none", "--disable_tqdm", "true"])
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exited.value.code == 2 and last.startswith(
+        "error: out of memory: lower --per_device_train_batch_size") and "CUDA out of memory" in last, last
