@@ -523,17 +523,19 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
     if training_args.push_to_hub and training_args.process_index == 0:
         create_hub_repo(training_args)
     with (locked_output_dir(training_args.output_dir) if training_args.process_index == 0 else nullcontext(),
-          out_of_memory_as_user_error(memory_remedies(model_args, lora_args, training_args))):
+          out_of_memory_as_user_error(memory_remedies(model_args, lora_args, distill_args, training_args))):
         return train_and_save(model_args, data_args, lora_args, distill_args, training_args)
 
 
-def memory_remedies(model_args: ModelArguments, lora_args: LoraArguments,
+def memory_remedies(model_args: ModelArguments, lora_args: LoraArguments, distill_args: DistillationArguments,
                     training_args: SparseTrainingArguments) -> list[str]:
     """What takes less memory than this run, the largest saving last."""
     remedies = ["lower --per_device_train_batch_size, keeping the batch with --effective_batch_size (the run then "
                 "resumes from its last checkpoint)"]
     if not (training_args.activation_checkpointing or training_args.gradient_checkpointing):
         remedies.append("add --activation_checkpointing true")
+    if distill_args.teacher_model and "quantization_config" not in distill_args.init_kwargs():
+        remedies.append("load the teacher in 4-bit (--teacher_model_init_kwargs with a quantization_config)")
     if not lora_args.lora:
         remedies.append("train sparse LoRA (--lora)")
     elif not model_args.load_in_4bit:

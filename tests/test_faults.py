@@ -23,6 +23,8 @@ from dense_ft.checkpoints import MARKER, mark_complete
 from dense_ft.divergence import NonFiniteGuard, TrainingDiverged
 from dense_ft.errors import UserError, out_of_memory_as_user_error
 from dense_ft.finetune import main as finetune_main
+from dense_ft.finetune import memory_remedies
+from dense_ft.finetune import parse_args as parse_finetune_args
 from dense_ft.prune import main as prune_main
 from dense_ft.sparsity import prunable_linears
 
@@ -332,6 +334,23 @@ def test_calibration_that_does_not_fit_is_one_line_naming_what_to_lower(embedded
     last = capped.stderr.strip().splitlines()[-1]
     assert last.startswith("error: out of memory: lower --nsamples or --seqlen ([enforce fail") and (
         "DefaultCPUAllocator: can't allocate memory" in last), last
+
+
+@pytest.mark.parametrize("flags, remedies", [
+    ([], ["batch", "--activation_checkpointing", "--lora"]),
+    (["--activation_checkpointing", "true", "--lora"], ["batch", "--load_in_4bit"]),
+    (["--lora", "--load_in_4bit"], ["batch", "--activation_checkpointing"]),
+    (["--teacher_model", "dense"], ["batch", "--activation_checkpointing", "teacher", "--lora"]),
+    (["--teacher_model", "dense", "--teacher_model_init_kwargs", '{"quantization_config": {"load_in_4bit": true}}',
+      "--lora", "--load_in_4bit", "--activation_checkpointing", "true"], ["batch"]),
+])
+def test_what_finetune_advises_when_memory_runs_out_is_what_this_run_does_not_do_yet(flags, remedies):
+    words = {"batch": "--per_device_train_batch_size", "teacher": "load the teacher in 4-bit"}
+    parsed = parse_finetune_args(["--model_name_or_path", "pruned", "--output_dir", "out", *flags])
+    model_args, _, lora_args, distill_args, training_args = parsed
+    advice = memory_remedies(model_args, lora_args, distill_args, training_args)
+    assert len(advice) == len(remedies) and all(words.get(word, word) in line
+                                                for word, line in zip(remedies, advice, strict=True)), advice
 
 
 CUDA_OUT_OF_MEMORY = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of "
