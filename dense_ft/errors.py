@@ -1,6 +1,7 @@
 """One-line errors for the command-line tools."""
 
 import sys
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -28,13 +29,14 @@ def exit_on_user_error(exit_code: int = 2):
 
 
 @contextmanager
-def out_of_memory_as_user_error(remedies: list[str]):
-    """Running out of memory, on a device or the CPU, as one line: the ``remedies`` (what to lower or add), then what
-    ran out."""
+def out_of_memory_as_user_error(remedies: Callable[[], list[str]]):
+    """Running out of memory, on a device or the CPU, as one line: the ``remedies()`` (what to lower or add, asked
+    then: the run may have chosen some settings itself), then what ran out."""
     try:
         yield
     except (RuntimeError, MemoryError) as error:  # MemoryError: Python's own objects
         if not isinstance(error, (torch.OutOfMemoryError, MemoryError)) and CPU_ALLOCATOR_FAILURE not in str(error):
             raise
-        advice = ", ".join(remedies[:-1]) + (" or " if len(remedies) > 1 else "") + remedies[-1]
+        options = remedies()
+        advice = ", ".join(options[:-1]) + (" or " if len(options) > 1 else "") + options[-1]
         raise UserError(f"out of memory: {advice} ({first_line(error)})") from error

@@ -523,7 +523,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
     if training_args.push_to_hub and training_args.process_index == 0:
         create_hub_repo(training_args)
     with (locked_output_dir(training_args.output_dir) if training_args.process_index == 0 else nullcontext(),
-          out_of_memory_as_user_error(memory_remedies(model_args, lora_args, distill_args, training_args))):
+          out_of_memory_as_user_error(lambda: memory_remedies(model_args, lora_args, distill_args, training_args))):
         return train_and_save(model_args, data_args, lora_args, distill_args, training_args)
 
 

@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> dict:
     seqlen = args.seqlen or model.config.max_position_embeddings
     if seqlen > model.config.max_position_embeddings:
         raise UserError(f"--seqlen {seqlen} exceeds the model's {model.config.max_position_embeddings} positions")
-    offload = place_model(model, args, seqlen)
+    args.offload = offload = place_model(model, args, seqlen)  # chosen by itself when the model does not fit
 
     results = {"model": args.model, "sparsity_ratio": args.sparsity_ratio, "block_size": args.block_size,
                "eval_dataset": args.eval_dataset, "seqlen": seqlen}
@@ -257,7 +257,7 @@ def memory_remedies(args: argparse.Namespace) -> list[str]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    with exit_on_user_error(), out_of_memory_as_user_error(memory_remedies(args)):
+    with exit_on_user_error(), out_of_memory_as_user_error(lambda: memory_remedies(args)):
         check_installed_versions()
         run(args)
 

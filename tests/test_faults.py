@@ -362,13 +362,13 @@ CUDA_OUT_OF_MEMORY = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has
     (MemoryError(), "out of memory: a, b or c (MemoryError)"),
 ])
 def test_a_device_or_python_out_of_memory_is_one_line_too(error, line):
-    with pytest.raises(UserError) as refused, out_of_memory_as_user_error(["a", "b", "c"]):
+    with pytest.raises(UserError) as refused, out_of_memory_as_user_error(lambda: ["a", "b", "c"]):
         raise error
     assert str(refused.value) == line
 
 
 def test_other_runtime_errors_pass_as_they_are():
-    with pytest.raises(NotImplementedError), out_of_memory_as_user_error(["a"]):
+    with pytest.raises(NotImplementedError), out_of_memory_as_user_error(lambda: ["a"]):
         raise NotImplementedError("not an allocation")
 
 
