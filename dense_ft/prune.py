@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> dict:
     seqlen = args.seqlen or model.config.max_position_embeddings
     if seqlen > model.config.max_position_embeddings:
         raise UserError(f"--seqlen {seqlen} exceeds the model's {model.config.max_position_embeddings} positions")
-    args.offload = offload = place_model(model, args, seqlen)  # chosen by itself when the model does not fit
+    args.offload = place_model(model, args, seqlen)  # also when chosen here: the model does not fit the device
 
     results = {"model": args.model, "sparsity_ratio": args.sparsity_ratio, "block_size": args.block_size,
                "eval_dataset": args.eval_dataset, "seqlen": seqlen}
@@ -162,16 +162,16 @@ def run(args: argparse.Namespace) -> dict:
         started = time.perf_counter()
         windows = calibration_windows(token_ids(tokenizer, " ".join(calib["train"]["text"])),
                                       args.nsamples, seqlen, args.seed)
-        prune_wanda_blocks(model, windows, args.sparsity_ratio, args.block_size, args.device, offload,
+        prune_wanda_blocks(model, windows, args.sparsity_ratio, args.block_size, args.device, args.offload,
                            calibration={"dataset": args.calib_dataset, "seed": args.seed})
-        results.update(calib_dataset=args.calib_dataset, nsamples=args.nsamples, seed=args.seed, offload=offload,
+        results.update(calib_dataset=args.calib_dataset, nsamples=args.nsamples, seed=args.seed, offload=args.offload,
                        pruning_seconds=round(time.perf_counter() - started, 2))
     results["actual_sparsity"] = check_sparsity(model)
     print(f"sparsity sanity check {results['actual_sparsity']:.4f}")
 
     test_ids = token_ids(tokenizer, joined_text(evaluation, "test", "\n\n"))
     results["perplexity"] = perplexity(model, test_ids, seqlen, args.max_eval_windows,
-                                       offload_device=args.device if offload else None)
+                                       offload_device=args.device if args.offload else None)
     print(f"wikitext perplexity {results['perplexity']:.4f}")
 
     save_outputs(args, model, tokenizer, results)
