@@ -18,6 +18,7 @@ from packaging.utils import canonicalize_name
 from dense_ft.errors import UserError
 from dense_ft.versions import check_installed_versions, installed_requirements
 
+PROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
 TOOLS = {"dense-ft-prune": "Prune a causal LM", "dense-ft-finetune": "--model_name_or_path",
          "dense-ft-check-sparsity": "Sparsity report", "dense-ft-merge-lora": "Merge a PEFT LoRA adapter"}
 
@@ -36,7 +37,7 @@ def test_pip_install_in_a_fresh_venv_gives_the_package_and_its_console_scripts(t
     assert install.returncode == 0, install.stderr[-2000:]
     assert (site / "dense_ft" / "sparse_lora.py").exists()
     assert (site / "dense_ft" / "block_zero.c").exists()  # the masking kernel's source, built on first use
-    scripts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    scripts = PROJECT["scripts"]
     assert scripts.keys() == TOOLS.keys()
     for tool, expected in TOOLS.items():
         result = subprocess.run([str(venv / "bin" / tool), "--help"], cwd=tmp_path, capture_output=True, text=True,
@@ -55,10 +56,9 @@ def project_sources(destination: Path) -> Path:
 
 def test_the_pinned_versions_lie_in_the_package_ranges():
     """What CI installs (requirements.txt) is one of the sets that ``pip install .`` may resolve to."""
-    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
     ranges = {canonicalize_name(requirement.name): requirement.specifier
-              for requirement in map(Requirement, chain(project["dependencies"],
-                                                        *project["optional-dependencies"].values()))}
+              for requirement in map(Requirement, chain(PROJECT["dependencies"],
+                                                        *PROJECT["optional-dependencies"].values()))}
     pins = {canonicalize_name(requirement.name): next(iter(requirement.specifier)).version
             for line in (REPO_ROOT / "requirements.txt").read_text().splitlines() if line.split("#")[0].strip()
             for requirement in [Requirement(line.split("#")[0])]}
@@ -67,9 +67,8 @@ def test_the_pinned_versions_lie_in_the_package_ranges():
 
 
 def test_the_tools_check_the_ranges_of_pyproject_and_this_environment_meets_them():
-    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
     checked = [Requirement(line) for line in installed_requirements()]
-    assert {str(r) for r in checked if r.marker is None} == {str(Requirement(line)) for line in project["dependencies"]}
+    assert {str(r) for r in checked if r.marker is None} == {str(Requirement(line)) for line in PROJECT["dependencies"]}
     check_installed_versions()
 
 
