@@ -14,6 +14,12 @@ from test_finetune import check_sparsity_cli, finetune_args
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
 
 
+@pytest.fixture(autouse=True)
+def temporary_files_in_tmp_path(tmp_path, monkeypatch):
+    """torchrun leaves a torchelastic_* directory of logs in the temporary directory at each start."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+
+
 def run_torchrun(*args, timeout=600):
     # The fault handler prints where each thread was if a rank aborts: one did at exit, rarely, after saving.
     return subprocess.run([*TORCHRUN, *map(str, args)], cwd=REPO_ROOT, capture_output=True, text=True,
