@@ -46,7 +46,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", type=Path, help="directory for the model (default: a temporary one)")
     args = parser.parse_args()
-    directory = args.keep or Path(tempfile.mkdtemp(prefix="check_sparsity_"))
+    with tempfile.TemporaryDirectory(prefix="check_sparsity_") as scratch:
+        measure(args.keep or Path(scratch))
+
+
+def measure(directory: Path):
+    """Save the pruned TinyLlama-shaped model in ``directory`` and print both checks' peak memory and time."""
     torch.set_default_dtype(torch.bfloat16)
     model = LlamaForCausalLM(LlamaConfig(**TINYLLAMA))
     torch.set_default_dtype(torch.float32)

@@ -98,7 +98,12 @@ def main():
     args = parser.parse_args()
     budgets = [int(budget) for budget in args.budgets.split(",")]
     ce = read_ce_line(args.ce_results, args, parser) if args.ce_results else None
-    work = Path(tempfile.mkdtemp(prefix="distillation_"))
+    with tempfile.TemporaryDirectory(prefix="distillation_") as work:
+        compare_losses(Path(work), ce, budgets, args)
+
+
+def compare_losses(work: Path, ce: dict | None, budgets: list[int], args: argparse.Namespace):
+    """Train CE (unless given) and each distillation loss from the pruned embedded default, a JSON line each."""
     pruned = prune_embedded(work)
     if ce is None:
         ce = train(pruned, work / "ce", args.ce_steps, args)

@@ -55,10 +55,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default="full,lora:1e-4,lora:1e-3", help="full[:lr] or lora[:lr], comma-separated")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="lora_recovery_"))
+    with tempfile.TemporaryDirectory(prefix="lora_recovery_") as work:
+        compare_methods(Path(work), args.methods.split(","))
+
+
+def compare_methods(work: Path, methods: list[str]):
+    """Fine-tune the pruned embedded default by each method, a JSON line each: perplexity, time, memory."""
     pruned = prune_embedded(work)
     print(json.dumps({"method": "pruned", "perplexity": perplexity(pruned, work / "pruned_eval")}), flush=True)
-    for spec in args.methods.split(","):
+    for spec in methods:
         method, _, learning_rate = spec.partition(":")
         learning_rate = learning_rate or "1e-4"
         output = work / spec.replace(":", "_")

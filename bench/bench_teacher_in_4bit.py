@@ -61,11 +61,11 @@ def main():
     parser.add_argument("--quant_types", default="nf4,fp4", help="4-bit data types to load the teacher in")
     parser.add_argument("--windows", type=int, default=48, help="validation windows of 256 tokens")
     args = parser.parse_args()
-    pruned = prune_embedded(Path(tempfile.mkdtemp(prefix="teacher_in_4bit_")))
     dense, tokenizer = load_model(str(model_dir()))
     others = {f"teacher in {kind}": load_weights(str(model_dir()), quantization_config={
         "load_in_4bit": True, "bnb_4bit_quant_type": kind}) for kind in args.quant_types.split(",")}
-    others["pruned student"] = load_weights(str(pruned))
+    with tempfile.TemporaryDirectory(prefix="teacher_in_4bit_") as work:
+        others["pruned student"] = load_weights(str(prune_embedded(Path(work))))
     windows = validation_windows(tokenizer, args.windows)
     for name, figures in compare(dense.eval(), {name: model.eval() for name, model in others.items()}, windows).items():
         print(json.dumps({"model": name, **figures, "windows": args.windows, "seqlen": SEQLEN}), flush=True)
