@@ -292,11 +292,11 @@ MEMORY_CAP = 4 * 2**30
 
 
 def run_in_capped_memory(args) -> subprocess.CompletedProcess:
-    """Real allocation failures: the process's address space capped (RLIMIT_AS) well under what ``args`` ask for,
-    with few malloc arenas and threads, which reserve address space whatever the run, and on the CPU (CUDA's
-    context alone reserves more than the cap)."""
+    """Real allocation failures: the process's data (RLIMIT_DATA: what malloc and torch's allocator map) capped well
+    under what ``args`` ask for, with few malloc arenas and threads, which take memory whatever the run, and on the
+    CPU. RLIMIT_AS would also count the libraries' mapped code: torch 2.7's CUDA build alone maps more than the cap."""
     def cap():
-        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
+        resource.setrlimit(resource.RLIMIT_DATA, (MEMORY_CAP, MEMORY_CAP))
 
     env = {**os.environ, "MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run([sys.executable, *map(str, args)], cwd=REPO_ROOT, capture_output=True, text=True,
