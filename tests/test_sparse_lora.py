@@ -184,13 +184,15 @@ def test_the_merge_keeps_every_pruned_weight_zero_and_the_same_function():
     assert leaked > 0.9 * sum(int(p.sum()) for p in pruned.values())
 
 
-@pytest.mark.parametrize("rank, dropout", [(4, 0.05), (96, 0.0)])  # trained by blocks; folded
-def test_training_moves_only_the_adapters_and_the_merge_stays_sparse(tmp_path, rank, dropout):
+@pytest.mark.parametrize("rank, dropout, compiled", [(4, 0.05, False), (96, 0.0, False), (4, 0.05, True)],
+                         ids=["by blocks", "folded", "by blocks, torch.compile"])
+def test_training_moves_only_the_adapters_and_the_merge_stays_sparse(tmp_path, rank, dropout, compiled):
     base, pruned = pruned_model()
     frozen = {name: p.detach().clone() for name, p in base.named_parameters()}
     model = add_sparse_lora(base, config(dropout, r=rank, init_lora_weights=True))
     before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-    Trainer(model=model, args=training_args(tmp_path, learning_rate=1e-2), train_dataset=token_dataset()).train()
+    Trainer(model=model, args=training_args(tmp_path, learning_rate=1e-2, torch_compile=compiled),
+            train_dataset=token_dataset()).train()
     trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
     assert all(not torch.equal(before[name], p) for name, p in trained.items()), "every adapter trains"
     merged = model.merge_and_unload()

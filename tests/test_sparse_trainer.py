@@ -54,6 +54,7 @@ CONFIGS = {
     "fp16 loss scaling": ({"fp16": True}, torch.float32),
     "gradient accumulation": ({"gradient_accumulation_steps": 4}, torch.float32),
     "gradient checkpointing": ({"activation_checkpointing": True}, torch.float32),
+    "torch.compile": ({"torch_compile": True}, torch.float32),
 }
 
 
