@@ -36,6 +36,7 @@ from peft import get_peft_model
 from transformers import (
     BitsAndBytesConfig,
     HfArgumentParser,
+    ProgressCallback,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -597,7 +598,18 @@ def train_and_save(model_args: ModelArguments, data_args: DataArguments, lora_ar
                 print(f"Model pushed to the Hub: {push_output_dir(trainer)}", flush=True)
         return 1 if violations else 0
     finally:  # the process group destroyed before exit: without it a rank may abort there ("terminate called")
+        close_progress_bars(trainer)
         trainer.end()
+
+
+def close_progress_bars(trainer: Trainer) -> None:
+    """Close the bars a failed run leaves open (a finished one has closed them): its one-line error then starts a
+    line of its own, and no stale bar is drawn below it at exit."""
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, ProgressCallback):
+            for bar in (callback.prediction_bar, callback.training_bar):
+                if bar is not None:
+                    bar.close()
 
 
 def write_finetuned_card(trainer, model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,

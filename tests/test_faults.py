@@ -104,6 +104,15 @@ def test_a_diverging_run_stops_and_saves_nothing_as_final(learning_rate, problem
     assert sorted(path.name for path in output.glob("checkpoint-*")) == ["checkpoint-1"]  # before the divergence
 
 
+def test_a_failed_run_closes_its_progress_bar_so_that_its_error_is_the_last_line(tmp_path, tiny_pruned_dir,
+                                                                                 small_corpus_dir, capsys):
+    status, out, err = finetune(capsys, tiny_pruned_dir, small_corpus_dir, tmp_path / "run", "--max_steps", 20,
+                                "--learning_rate", "1e30", "--disable_tqdm", "false")
+    assert status == 2 and "1/20" in err, err[-2000:]
+    line = err.rstrip("\n").split("\n")[-1]  # not splitlines(): a bar redraws itself after "\r", on its line
+    assert line.startswith("error: the loss or gradient norm is not finite"), repr(err[-500:])
+
+
 def test_nonfinite_steps_are_skipped_up_to_the_patience():
     args = SimpleNamespace(fp16=False, learning_rate=1.0, device=torch.device("cpu"))
     guard = NonFiniteGuard(patience=1)
