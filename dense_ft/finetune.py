@@ -39,6 +39,7 @@ from transformers import (
     ProgressCallback,
     Trainer,
     TrainerCallback,
+    TrainerState,
     TrainingArguments,
     default_data_collator,
     set_seed,
@@ -250,15 +251,31 @@ class PrintProgress(TrainerCallback):
 
     TERMS = ("ce_loss", "kl_loss", "squarehead_loss")  # with a teacher: what the loss is made of
 
+    def __init__(self):
+        self.best_step_loaded = None
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs and "loss" in logs:
             terms = ", ".join(f"{name.removesuffix('_loss')}={logs[name]:.4f}" for name in self.TERMS if name in logs)
             print(f"Step {state.global_step}: loss={logs['loss']:.4f}" + (f" ({terms})" if terms else ""), flush=True)
 
+    def on_train_end(self, args, state, control, **kwargs):
+        self.best_step_loaded = best_step_loaded(args, state)
+
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if state.is_world_process_zero and metrics and "eval_loss" in metrics:
-            print(f"Evaluation at step {state.global_step}: loss={metrics['eval_loss']:.4f}, "
-                  f"perplexity={perplexity(metrics['eval_loss']):.2f}", flush=True)
+            print(f"Evaluation {evaluated_step(state.global_step, self.best_step_loaded)}: "
+                  f"loss={metrics['eval_loss']:.4f}, perplexity={perplexity(metrics['eval_loss']):.2f}", flush=True)
+
+
+def best_step_loaded(args: TrainingArguments, state: TrainerState) -> int | None:
+    """The step of the checkpoint the Trainer loads when training ends (--load_best_model_at_end), if it does."""
+    return state.best_global_step if args.load_best_model_at_end and state.best_model_checkpoint else None
+
+
+def evaluated_step(step: int, best_step: int | None) -> str:
+    """Which weights an evaluation logged at ``step`` measured: after training, the best checkpoint's if loaded."""
+    return f"at step {step}" if best_step is None else f"of the best checkpoint (step {best_step})"
 
 
 def perplexity(loss: float) -> float:
@@ -636,14 +653,23 @@ def write_finetuned_card(trainer, model_args: ModelArguments, data_args: DataArg
                        "distillation weight": distill_args.distill_weight})
         if distill_args.init_kwargs():
             recipe["teacher loaded with"] = json.dumps(distill_args.init_kwargs())
-    evaluations = [record for record in trainer.state.log_history if "eval_loss" in record]
-    results = {f"validation perplexity at step {record['step']}": perplexity(record["eval_loss"])
-               for record in evaluations[:1] + evaluations[-1:]}
+    results = first_and_final_perplexity(trainer)
     sparsity = {"sparsity of the prunable weights": final_sparsity,
                 "pruned weights that are non-zero": violations}
     write_model_card(args.output_dir, f"Sparse fine-tuning of {os.path.basename(model_args.model_name_or_path)}",
                      model_args.model_name_or_path, trainer.model.config, f"Training text: {data}.", recipe, results,
                      sparsity)
+
+
+def first_and_final_perplexity(trainer: Trainer) -> dict[str, float]:
+    """The first validation perplexity logged and the saved model's, each named by the weights it measured."""
+    evaluations = [record for record in trainer.state.log_history if "eval_loss" in record]
+    if not evaluations:
+        return {}
+    first, final = evaluations[0], evaluations[-1]
+    final_step = evaluated_step(final["step"], best_step_loaded(trainer.args, trainer.state))
+    return {f"validation perplexity at step {first['step']}": perplexity(first["eval_loss"]),
+            f"validation perplexity {final_step}": perplexity(final["eval_loss"])}
 
 
 def save_final_model(trainer: SparseTrainer | SparseLoraTrainer, model_args: ModelArguments) -> dict | None:

@@ -244,6 +244,27 @@ def test_the_final_evaluation_is_the_last_steps_own_when_the_loop_ran_one_there(
     assert final["perplexity"] == pytest.approx(math.exp(final["eval_loss"]))
 
 
+@pytest.mark.parametrize("method", [[], ["--lora"]], ids=["full", "lora"])
+def test_the_best_checkpoint_loaded_at_the_end_is_saved_sparse_and_named_by_its_step(method, tmp_path,
+                                                                                      tiny_pruned_dir,
+                                                                                      small_corpus_dir, capsys):
+    output = tmp_path / "run"
+    best_is_the_highest_loss = ["--metric_for_best_model", "loss", "--greater_is_better", "true"]  # the first's
+    args = finetune_args(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 6, "--learning_rate", 1e-2,
+                         "--eval_strategy", "steps", "--eval_steps", 2, "--save_steps", 2,
+                         "--load_best_model_at_end", "true", *best_is_the_highest_loss, *method)[1:]
+    with pytest.raises(SystemExit) as exited:
+        finetune_main(list(map(str, args)))
+    out = capsys.readouterr().out
+    assert exited.value.code == 0
+    in_loop = re.search(r"^Evaluation at step 2: (loss=\S+),", out, re.M)
+    final = re.search(r"^Evaluation of the best checkpoint \(step 2\): (loss=\S+),", out, re.M)
+    assert in_loop and final and final[1] == in_loop[1], out
+    assert "validation perplexity of the best checkpoint (step 2)" in (output / "README.md").read_text()
+    checked = check_sparsity_cli(output, "--reference", tiny_pruned_dir)
+    assert checked.returncode == 0 and "non-zero: 0" in checked.stdout, checked.stdout + checked.stderr
+
+
 class FakeHub:
     """What the Hub receives: the repositories created and each upload's commit message and files (as the client
     filters them). The Hub cannot be reached from the tests; the rest of the run is real."""
