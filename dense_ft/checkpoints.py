@@ -17,6 +17,7 @@ import shutil
 
 import torch
 from safetensors import SafetensorError
+from transformers.trainer import SCHEDULER_NAME
 
 from .errors import UserError
 
@@ -103,6 +104,15 @@ def check_resumable(checkpoint: str, run_identity: dict) -> None:
     if differences:
         raise UserError(f"--resume_from_checkpoint {checkpoint} holds another kind of run ({'; '.join(differences)}): "
                         "give a checkpoint of a run with the same method and optimizer")
+
+
+def check_holds_training_state(checkpoint: str) -> None:
+    """Refuse, in one line, a checkpoint saved with --save_only_model: the Trainer would resume its weights with the
+    optimizer's state and the learning-rate schedule started over."""
+    if not os.path.isfile(os.path.join(checkpoint, SCHEDULER_NAME)):
+        raise UserError(f"{checkpoint} holds the model only (--save_only_model), not the optimizer's state and the "
+                        f"learning-rate schedule: it cannot resume a run. Fine-tune from it as a new run "
+                        f"(--model_name_or_path {checkpoint}), or pass --overwrite_output_dir to start over")
 
 
 @torch.no_grad()

@@ -52,6 +52,7 @@ from dense_ft.checkpoints import (
     SAVE_ERRORS,
     check_belongs_to_run,
     check_free_space,
+    check_holds_training_state,
     check_resumable,
     checkpoint_bytes,
     full_disk_error,
@@ -572,6 +573,8 @@ def train_and_save(model_args: ModelArguments, data_args: DataArguments, lora_ar
         check_resumable(resume_from, identity)
     elif resume_from:
         check_belongs_to_run(resume_from, identity)
+    if resume_from:
+        check_holds_training_state(resume_from)
     check_optimizer(training_args, model)
     if data_args.block_size > model.config.max_position_embeddings:
         raise UserError(f"--block_size {data_args.block_size} exceeds the model's "

@@ -31,5 +31,6 @@ class StopOnSignal(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if max_over_ranks(self.requested, args.device):  # every rank stops at the same step
             self.requested = True
+            args.save_only_model = False  # a rerun resumes this checkpoint: it needs the optimizer's state too
             control.should_save = True
             control.should_training_stop = True

@@ -175,6 +175,24 @@ def test_a_checkpoint_given_by_hand_may_change_the_hyperparameters_not_the_metho
     assert status == 0 and f"Resuming from checkpoint {checkpoint}" in out, err[-2000:]
 
 
+def test_a_model_only_checkpoint_is_refused_rather_than_resumed_with_a_new_optimizer_and_schedule(
+        tmp_path, tiny_pruned_dir, small_corpus_dir, capsys):
+    output = tmp_path / "run"
+    status, _, err = finetune(capsys, tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 2, "--save_steps", 2,
+                              "--save_only_model", "true")
+    assert status == 0, err[-2000:]
+    checkpoint = output / "checkpoint-2"
+    (output / "model.safetensors").unlink()  # as if stopped after its last checkpoint
+    refusal = (f"error: {checkpoint} holds the model only (--save_only_model), not the optimizer's state and the "
+               "learning-rate schedule: it cannot resume a run.")
+    for by_hand in ([], ["--resume_from_checkpoint", checkpoint, "--output_dir", tmp_path / "again"]):
+        before = file_contents(output)
+        status, _, err = finetune(capsys, tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 4,
+                                  "--save_only_model", "true", *by_hand)
+        assert status == 2 and err.strip().splitlines()[-1].startswith(refusal), err[-2000:]
+        assert file_contents(output) == before
+
+
 def test_a_second_run_into_the_same_output_dir_is_refused(tmp_path, tiny_pruned_dir, small_corpus_dir, capsys):
     output = tmp_path / "run"
     first = start_finetune(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 400, "--save_steps", 1000)

@@ -44,7 +44,8 @@ def check_sparsity_cli(*args):
     return run_python("-m", "dense_ft.check_sparsity", *args, timeout=120)
 
 
-@pytest.mark.parametrize("method", [[], ["--lora"], ["--lora", "--load_in_4bit"]], ids=["full", "lora", "qlora"])
+@pytest.mark.parametrize("method", [[], ["--lora"], ["--lora", "--load_in_4bit"], ["--save_only_model", "true"]],
+                         ids=["full", "lora", "qlora", "model-only checkpoints"])
 def test_sigint_saves_a_checkpoint_and_the_rerun_resumes(method, tmp_path, tiny_pruned_dir, small_corpus_dir):
     output = tmp_path / "run"
     args = finetune_args(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 400, "--save_steps", 1000, *method)
@@ -61,7 +62,7 @@ def test_sigint_saves_a_checkpoint_and_the_rerun_resumes(method, tmp_path, tiny_
     stopped = re.search(r"interrupted at step (\d+): checkpoint saved to (\S+)\.", "".join(lines))
     assert stopped, "".join(lines[-30:])
     step = int(stopped.group(1))
-    assert 3 <= step < 400 and os.path.isdir(stopped.group(2))
+    assert 3 <= step < 400 and os.path.isfile(os.path.join(stopped.group(2), "optimizer.pt"))
     assert not (output / "model.safetensors").exists()
 
     rerun = run_python(*finetune_args(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", step + 2, *method))
