@@ -1,6 +1,7 @@
 """The main job (`make demo`) at its smallest sizes: the report's numbers come from the models it saved.
 
-It is also the suite's one fine-tuning of the embedded default (through the launcher, as users run it).
+It is also the suite's one fine-tuning of the embedded default (through the launcher, as users run it). About 4
+minutes on a 2-core VM without AVX-512: `make test-slow` runs it.
 """
 
 import json
@@ -15,6 +16,7 @@ from dense_ft.masks import SparsityMasks
 from dense_ft.sparsity import check_sparsity
 
 
+@pytest.mark.slow
 def test_demo_pipeline_and_its_report(tmp_path, embedded_model_dir, embedded_corpus_dir):
     result = run_python("scripts/demo.py", "--quick", "--out", tmp_path, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -94,6 +94,7 @@ def chat_dataset(corpus_dir, rows=4) -> Dataset:
     ]} for line in lines])
 
 
+@pytest.mark.slow  # about 2 minutes with the embedded default's pruning; the tiny models' SFT tests stay in the suite
 def test_trl_sft_trainer_keeps_the_embedded_defaults_pruned_blocks(tmp_path, embedded_pruned, embedded_corpus_dir,
                                                                     tokenizer):
     pruned_dir = embedded_pruned / "pruned_model"
