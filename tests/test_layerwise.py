@@ -44,6 +44,7 @@ def test_offloaded_pruning_prunes_the_same_blocks():
     assert all(p.device.type == "cpu" for p in models[True].parameters())
 
 
+@pytest.mark.slow  # about 100 s with the embedded default's pruning, which its worker may build a second time
 def test_main_block_with_offload_matches_the_whole_model_run(tmp_path, embedded_model_dir, embedded_corpus_dir,
                                                              embedded_pruned):
     """The embedded default pruned with --offload (same seed and calibration as the fixture's run)."""

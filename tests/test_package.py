@@ -23,6 +23,7 @@ TOOLS = {"dense-ft-prune": "Prune a causal LM", "dense-ft-finetune": "--model_na
          "dense-ft-check-sparsity": "Sparsity report", "dense-ft-merge-lora": "Merge a PEFT LoRA adapter"}
 
 
+@pytest.mark.slow  # about 45 s; `make test` itself installs the package the same way first
 def test_pip_install_in_a_fresh_venv_gives_the_package_and_its_console_scripts(tmp_path):
     """A new virtual environment that sees this one's dependencies (a .pth file), so that pip resolves
     them without downloading; ``pip install .`` itself runs as a user would run it."""
