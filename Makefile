@@ -31,8 +31,9 @@ lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/shellcheck run_dense_finetune_block_20sparsity.sh .ci/run bench/run_gpu_checks.sh
 
-# One worker per core (tests/conftest.py gives each its share of the threads), at most four. Each worker builds the session fixtures it needs: `--dist loadgroup`
-# would share them, but xdist 3.8 names the groups through Item._nodeid, which pytest 9.2 no longer reads.
+# One worker per core (tests/conftest.py gives each its share of the threads), at most four. Each worker
+# builds the session fixtures it needs: `--dist loadgroup` would share them, but xdist 3.8 names the groups
+# through Item._nodeid, which pytest 9.2 no longer reads.
 test: embedded lint
 	$(PYTHON) -m pytest -q -n auto --maxprocesses 4 tests
 
