@@ -16,7 +16,6 @@ import re
 import shutil
 
 import torch
-from safetensors import SafetensorError
 from transformers.trainer import SCHEDULER_NAME
 
 from .errors import UserError
@@ -24,8 +23,6 @@ from .errors import UserError
 MARKER = "dense_ft_checkpoint.json"
 INCOMPLETE_PREFIX = "incomplete-"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-# What a failed save raises: the OS, torch.save, safetensors.
-SAVE_ERRORS = (OSError, RuntimeError, SafetensorError)
 # Below this much free space after a failed write, the write failed for space.
 _NEARLY_FULL_BYTES = 16 * 2**20
 

@@ -5,9 +5,12 @@ from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
+from safetensors import SafetensorError
 
 # What the CPU allocator's failure says (a plain RuntimeError; a device's is torch.OutOfMemoryError).
 CPU_ALLOCATOR_FAILURE = "DefaultCPUAllocator: can't allocate memory"
+# What a failed save raises: the OS, torch.save, safetensors.
+SAVE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
 class UserError(Exception):

@@ -49,7 +49,6 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.utils import is_liger_kernel_available
 
 from dense_ft.checkpoints import (
-    SAVE_ERRORS,
     check_belongs_to_run,
     check_free_space,
     check_holds_training_state,
@@ -66,7 +65,7 @@ from dense_ft.distillation import (
     DistillingSparseTrainer,
     load_teacher,
 )
-from dense_ft.errors import UserError, exit_on_user_error, first_line, out_of_memory_as_user_error
+from dense_ft.errors import SAVE_ERRORS, UserError, exit_on_user_error, first_line, out_of_memory_as_user_error
 from dense_ft.hub import create_hub_repo, push_output_dir
 from dense_ft.interrupt import StopOnSignal
 from dense_ft.masks import DEFAULT_BLOCK_SIZE, BlockMask, SparsityMasks

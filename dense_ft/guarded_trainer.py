@@ -12,8 +12,9 @@ import shutil
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from .checkpoints import SAVE_ERRORS, full_disk_error, mark_complete
+from .checkpoints import full_disk_error, mark_complete
 from .divergence import NonFiniteGuard
+from .errors import SAVE_ERRORS
 
 
 class GuardedTrainingMixin:

@@ -15,8 +15,7 @@ import time
 
 import torch
 
-from .checkpoints import SAVE_ERRORS
-from .errors import UserError, exit_on_user_error, first_line, out_of_memory_as_user_error
+from .errors import SAVE_ERRORS, UserError, exit_on_user_error, first_line, out_of_memory_as_user_error
 from .evaluation import (
     ZERO_SHOT_TASKS,
     accuracies,

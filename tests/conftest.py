@@ -1,9 +1,12 @@
 """Shared fixtures: a tiny pruned Llama saved with the embedded tokenizer, and the embedded default prepared by
 `make test`."""
 
+import io
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -28,6 +31,19 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.env
 def run_python(*args, timeout=600, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *map(str, args)], cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=timeout, **kwargs)
+
+
+def run_main(main: Callable[[list[str]], None], *args) -> subprocess.CompletedProcess:
+    """A command's ``main`` run in this process, as ``run_python`` runs its script, less the interpreter's start-up
+    (seconds of imports). An exception other than SystemExit is not caught: it fails the test, as a traceback would."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with redirect_stdout(stdout), redirect_stderr(stderr):
+        try:
+            main(list(map(str, args)))
+            code = 0
+        except SystemExit as exited:
+            code = exited.code or 0
+    return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
 
 
 def file_contents(directory: Path) -> dict[Path, bytes]:

@@ -2,10 +2,11 @@ import json
 import shutil
 
 import pytest
-from conftest import file_contents, run_python
+from conftest import file_contents, run_main, run_python
 from transformers import AutoModelForCausalLM
 
 from dense_ft.masks import SparsityMasks
+from dense_ft.prune import main as prune_main
 from dense_ft.prune import parse_args
 from dense_ft.sparsity import PATTERN_KEY, check_sparsity
 
@@ -39,11 +40,19 @@ def test_bad_input_is_one_line_and_non_zero(extra, message, tmp_path, tiny_prune
             "--seqlen", 64]
     args += [a.format(missing=tmp_path / "missing/corpus", empty=tmp_path / "empty", copy=tmp_path / "model",
                       adapter=tmp_path / "adapter") for a in extra]
-    result = run_python("main_block.py", *args, timeout=120)
+    result = run_main(prune_main, *args)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert message in result.stderr.strip().splitlines()[-1]
     assert file_contents(tmp_path / "model") == file_contents(tiny_pruned_dir)
+
+
+def test_main_block_does_not_import_the_trainer():
+    # The Trainer and the training integrations it loads take 8 s to import on a 2-core machine: a bad flag would
+    # wait for them
+    result = run_python("-c", "import sys, dense_ft.prune; print(sorted(m for m in sys.modules if m.startswith("
+                        "('transformers.trainer', 'transformers.integrations.integration_utils'))))", timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr[-2000:]
 
 
 @pytest.mark.parametrize("device", ["cpu", "cpu:0"])
