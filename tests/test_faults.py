@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO_ROOT, file_contents, run_python
+from conftest import REPO_ROOT, file_contents, run_main, run_python
 from test_finetune import check_sparsity_cli, finetune_args
 from test_launcher import LAUNCHER, system_path_without_nvidia_smi, write_executable
 from tiny_models import tiny_llama, zero_random_blocks
@@ -29,12 +29,10 @@ from dense_ft.prune import main as prune_main
 from dense_ft.sparsity import prunable_linears
 
 
-def finetune(capsys, *args) -> tuple[int, str, str]:
-    """``finetune.py`` in this process (no interpreter start-up): exit status, stdout, stderr."""
-    with pytest.raises(SystemExit) as exited:
-        finetune_main([str(arg) for arg in finetune_args(*args)[1:]])
-    out, err = capsys.readouterr()
-    return exited.value.code, out, err
+def finetune(*args) -> tuple[int, str, str]:
+    """``finetune.py`` in this process: exit status, stdout, stderr."""
+    result = run_main(finetune_main, *finetune_args(*args)[1:])
+    return result.returncode, result.stdout, result.stderr
 
 
 def start_finetune(*args) -> subprocess.Popen:
@@ -71,7 +69,7 @@ def test_a_checkpoint_cut_short_by_kill_9_is_skipped_on_resume(tmp_path, tiny_pr
 
 
 def test_the_old_checkpoint_is_rotated_out_only_once_the_new_one_is_complete(tmp_path, tiny_pruned_dir,
-                                                                             small_corpus_dir, capsys, monkeypatch):
+                                                                             small_corpus_dir, monkeypatch):
     output = tmp_path / "run"
     complete_as_each_is_marked = []
 
@@ -80,7 +78,7 @@ def test_the_old_checkpoint_is_rotated_out_only_once_the_new_one_is_complete(tmp
         mark_complete(checkpoint, run_identity)
 
     monkeypatch.setattr(guarded_trainer, "mark_complete", observed_mark_complete)
-    status, _, err = finetune(capsys, tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 3, "--save_steps", 1,
+    status, _, err = finetune(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 3, "--save_steps", 1,
                               "--save_total_limit", 1)
     assert status == 0, err[-2000:]
     assert complete_as_each_is_marked == [[], ["checkpoint-1"], ["checkpoint-2"]]  # a kill here leaves one to resume
@@ -92,9 +90,9 @@ def test_the_old_checkpoint_is_rotated_out_only_once_the_new_one_is_complete(tmp
 @pytest.mark.parametrize("learning_rate, problem", [("1e30", "the loss or gradient norm is not finite"),
                                                     ("1e6", "the gradient norm is zero")])
 def test_a_diverging_run_stops_and_saves_nothing_as_final(learning_rate, problem, tmp_path, tiny_pruned_dir,
-                                                          small_corpus_dir, capsys):
+                                                          small_corpus_dir):
     output = tmp_path / "run"
-    status, out, err = finetune(capsys, tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 20,
+    status, out, err = finetune(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 20,
                                 "--save_steps", 1, "--learning_rate", learning_rate)
     assert status == 2, err[-2000:]
     line = err.strip().splitlines()[-1]
@@ -105,8 +103,8 @@ def test_a_diverging_run_stops_and_saves_nothing_as_final(learning_rate, problem
 
 
 def test_a_failed_run_closes_its_progress_bar_so_that_its_error_is_the_last_line(tmp_path, tiny_pruned_dir,
-                                                                                 small_corpus_dir, capsys):
-    status, out, err = finetune(capsys, tiny_pruned_dir, small_corpus_dir, tmp_path / "run", "--max_steps", 20,
+                                                                                 small_corpus_dir):
+    status, out, err = finetune(tiny_pruned_dir, small_corpus_dir, tmp_path / "run", "--max_steps", 20,
                                 "--learning_rate", "1e30", "--disable_tqdm", "false")
     assert status == 2 and "1/20" in err, err[-2000:]
     line = err.rstrip("\n").split("\n")[-1]  # not splitlines(): a bar redraws itself after "\r", on its line
@@ -127,15 +125,14 @@ def test_nonfinite_steps_are_skipped_up_to_the_patience():
 
 
 # 3. Any checkpoint in the output directory was resumed, whoever wrote it.
-def test_a_checkpoint_of_another_run_is_refused_naming_the_difference(tmp_path, tiny_pruned_dir, small_corpus_dir,
-                                                                      capsys):
+def test_a_checkpoint_of_another_run_is_refused_naming_the_difference(tmp_path, tiny_pruned_dir, small_corpus_dir):
     output = tmp_path / "run"
-    status, _, err = finetune(capsys, tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 2, "--save_steps", 2)
+    status, _, err = finetune(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 2, "--save_steps", 2)
     assert status == 0, err[-2000:]
     checkpoint = output / "checkpoint-2"
     (output / "model.safetensors").unlink()  # as if stopped after its last checkpoint
 
-    status, _, err = finetune(capsys, tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 2,
+    status, _, err = finetune(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 2,
                               "--learning_rate", 5e-4)
     assert status == 2
     assert err.strip().splitlines()[-1] == (f"error: {checkpoint} belongs to another run (learning_rate 0.001 there, "
@@ -148,37 +145,37 @@ def test_a_checkpoint_of_another_run_is_refused_naming_the_difference(tmp_path, 
     dense.save_pretrained(other)
     shutil.copy(tiny_pruned_dir / "tokenizer.json", other)
     shutil.copy(tiny_pruned_dir / "tokenizer_config.json", other)
-    status, _, err = finetune(capsys, other, small_corpus_dir, output, "--max_steps", 2)
+    status, _, err = finetune(other, small_corpus_dir, output, "--max_steps", 2)
     assert status == 2 and "belongs to another run (model " in err and "; weights " in err
 
-    status, out, err = finetune(capsys, tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 2,
+    status, out, err = finetune(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 2,
                                 "--learning_rate", 5e-4, "--overwrite_output_dir", "true")
     assert status == 0 and "Resuming" not in out, err[-2000:]
 
 
 def test_a_checkpoint_given_by_hand_may_change_the_hyperparameters_not_the_method_or_optimizer(
-        tmp_path, tiny_pruned_dir, small_corpus_dir, capsys):
-    status, _, err = finetune(capsys, tiny_pruned_dir, small_corpus_dir, tmp_path / "run", "--max_steps", 2,
+        tmp_path, tiny_pruned_dir, small_corpus_dir):
+    status, _, err = finetune(tiny_pruned_dir, small_corpus_dir, tmp_path / "run", "--max_steps", 2,
                               "--save_steps", 2)
     assert status == 0, err[-2000:]
     checkpoint = tmp_path / "run" / "checkpoint-2"
     default_optim = TrainingArguments(tmp_path / "defaults").optim.value  # fused from torch 2.8
     for change, difference in ((["--lora", "true"], "lora None there, {'r': 8, "),
                                (["--optim", "sgd"], f"optim '{default_optim}' there, 'sgd' here")):
-        status, _, err = finetune(capsys, tiny_pruned_dir, small_corpus_dir, tmp_path / "again", "--max_steps", 3,
+        status, _, err = finetune(tiny_pruned_dir, small_corpus_dir, tmp_path / "again", "--max_steps", 3,
                                   "--resume_from_checkpoint", checkpoint, *change)
         line = err.strip().splitlines()[-1]  # it had been a traceback from the Trainer's loading
         assert status == 2 and line.startswith(f"error: --resume_from_checkpoint {checkpoint} holds another kind of "
                                                f"run ({difference}"), err[-2000:]
-    status, out, err = finetune(capsys, tiny_pruned_dir, small_corpus_dir, tmp_path / "again", "--max_steps", 3,
+    status, out, err = finetune(tiny_pruned_dir, small_corpus_dir, tmp_path / "again", "--max_steps", 3,
                                 "--resume_from_checkpoint", checkpoint, "--learning_rate", 5e-4)
     assert status == 0 and f"Resuming from checkpoint {checkpoint}" in out, err[-2000:]
 
 
 def test_a_model_only_checkpoint_is_refused_rather_than_resumed_with_a_new_optimizer_and_schedule(
-        tmp_path, tiny_pruned_dir, small_corpus_dir, capsys):
+        tmp_path, tiny_pruned_dir, small_corpus_dir):
     output = tmp_path / "run"
-    status, _, err = finetune(capsys, tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 2, "--save_steps", 2,
+    status, _, err = finetune(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 2, "--save_steps", 2,
                               "--save_only_model", "true")
     assert status == 0, err[-2000:]
     checkpoint = output / "checkpoint-2"
@@ -187,18 +184,18 @@ def test_a_model_only_checkpoint_is_refused_rather_than_resumed_with_a_new_optim
                "learning-rate schedule: it cannot resume a run.")
     for by_hand in ([], ["--resume_from_checkpoint", checkpoint, "--output_dir", tmp_path / "again"]):
         before = file_contents(output)
-        status, _, err = finetune(capsys, tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 4,
+        status, _, err = finetune(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 4,
                                   "--save_only_model", "true", *by_hand)
         assert status == 2 and err.strip().splitlines()[-1].startswith(refusal), err[-2000:]
         assert file_contents(output) == before
 
 
-def test_a_second_run_into_the_same_output_dir_is_refused(tmp_path, tiny_pruned_dir, small_corpus_dir, capsys):
+def test_a_second_run_into_the_same_output_dir_is_refused(tmp_path, tiny_pruned_dir, small_corpus_dir):
     output = tmp_path / "run"
     first = start_finetune(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 400, "--save_steps", 1000)
     try:
         read_until(first, "Step 1:")
-        status, _, err = finetune(capsys, tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 2)
+        status, _, err = finetune(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 2)
         assert status == 2 and err.strip().splitlines()[-1] == (
             f"error: another run is writing to --output_dir {output}: wait for it to finish, or choose another "
             "--output_dir")
@@ -331,10 +328,10 @@ def run_in_capped_memory(args) -> subprocess.CompletedProcess:
 
 
 def test_a_batch_that_does_not_fit_is_one_line_keeps_the_checkpoint_and_the_advice_resumes(
-        tmp_path, tiny_pruned_dir, small_corpus_dir, capsys):
+        tmp_path, tiny_pruned_dir, small_corpus_dir):
     output = tmp_path / "run"
     batch = ["--effective_batch_size", 448, "--save_steps", 1, "--max_eval_samples", 1]
-    status, _, err = finetune(capsys, tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 1, *batch)
+    status, _, err = finetune(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 1, *batch)
     assert status == 0, err[-2000:]
     checkpoint = file_contents(output / "checkpoint-1")
 
@@ -348,7 +345,7 @@ def test_a_batch_that_does_not_fit_is_one_line_keeps_the_checkpoint_and_the_advi
             "LoRA (--lora) ([enforce fail") in last and "DefaultCPUAllocator: can't allocate memory" in last, last
     assert file_contents(output / "checkpoint-1") == checkpoint and not (output / "checkpoint-2").exists()
 
-    status, out, err = finetune(capsys, tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 2, *batch)
+    status, out, err = finetune(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 2, *batch)
     assert status == 0 and "Resuming from" in out, err[-2000:]
     assert (output / "checkpoint-2").exists()
 
@@ -401,7 +398,7 @@ def test_other_runtime_errors_pass_as_they_are():
 
 
 # 7. Silent assumptions.
-def test_a_dense_model_trains_as_dense_with_a_warning(tmp_path, tiny_pruned_dir, small_corpus_dir, capsys):
+def test_a_dense_model_trains_as_dense_with_a_warning(tmp_path, tiny_pruned_dir, small_corpus_dir):
     dense = AutoModelForCausalLM.from_pretrained(tiny_pruned_dir)
     with torch.no_grad():
         for linear in prunable_linears(dense).values():
@@ -411,7 +408,7 @@ def test_a_dense_model_trains_as_dense_with_a_warning(tmp_path, tiny_pruned_dir,
     dense.save_pretrained(tmp_path / "dense")
     shutil.copy(tiny_pruned_dir / "tokenizer.json", tmp_path / "dense")
     shutil.copy(tiny_pruned_dir / "tokenizer_config.json", tmp_path / "dense")
-    status, out, err = finetune(capsys, tmp_path / "dense", small_corpus_dir, tmp_path / "out", "--max_steps", 1,
+    status, out, err = finetune(tmp_path / "dense", small_corpus_dir, tmp_path / "out", "--max_steps", 1,
                                 "--save_strategy", "no")
     assert status == 0, err[-2000:]
     stray = 3 * len(prunable_linears(dense))

@@ -16,7 +16,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from conftest import REPO_ROOT, file_contents, run_python
+from conftest import REPO_ROOT, file_contents, run_main, run_python
 from huggingface_hub import HfApi, RepoUrl
 from huggingface_hub.utils import filter_repo_objects
 from tiny_models import tiny_llama
@@ -41,7 +41,7 @@ def finetune_args(model_dir, corpus_dir, output_dir, *extra):
 
 
 def check_sparsity_cli(*args):
-    return run_python("-m", "dense_ft.check_sparsity", *args, timeout=120)
+    return run_main(check_sparsity_main, *args)
 
 
 @pytest.mark.parametrize("method", [[], ["--lora"], ["--lora", "--load_in_4bit"], ["--save_only_model", "true"]],
@@ -448,7 +448,8 @@ def test_a_qlora_run_trains_on_4bit_weights_resumes_and_saves_its_adapter_merged
 def test_lora_bad_settings_are_one_line(tmp_path, tiny_pruned_dir, small_corpus_dir):
     for extra, message in ((["--lora_r", 0], "--lora needs --lora_r >= 1"),
                            (["--lora_target_modules", "nowhere_proj"], "--lora_target_modules")):
-        result = run_python(*finetune_args(tiny_pruned_dir, small_corpus_dir, tmp_path / "out", "--lora", *extra))
+        result = run_main(finetune_main, *finetune_args(tiny_pruned_dir, small_corpus_dir, tmp_path / "out", "--lora",
+                                                        *extra)[1:])
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
         assert message in result.stderr.strip().splitlines()[-1]
 
