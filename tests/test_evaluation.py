@@ -3,11 +3,12 @@ import math
 
 import pytest
 import torch
-from conftest import run_python
+from conftest import run_main
 from tiny_models import tiny_llama
 from transformers import AutoModelForCausalLM
 
 from dense_ft.evaluation import perplexity
+from dense_ft.prune import main as prune_main
 from dense_ft.sparsity import check_sparsity
 
 TINY_TASK = """\
@@ -61,10 +62,10 @@ def test_zero_shot_with_a_local_task(tmp_path, embedded_model_dir, small_corpus_
     data = tmp_path / "tiny.jsonl"
     data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in QUESTIONS))
     tasks = tiny_task_dir(tmp_path, data)
-    result = run_python("main_block.py", "--model", embedded_model_dir, "--eval_dataset", small_corpus_dir,
-                        "--seqlen", 128, "--max_eval_windows", 1, "--eval_zero_shot", "--tasks",
-                        "tiny_obvious_choice", "--include_path", tasks, "--eval_batch_size", "auto",
-                        "--save", tmp_path / "out", "--save_model", tmp_path / "out" / "model")
+    result = run_main(prune_main, "--model", embedded_model_dir, "--eval_dataset", small_corpus_dir, "--seqlen", 128,
+                      "--max_eval_windows", 1, "--eval_zero_shot", "--tasks", "tiny_obvious_choice", "--include_path",
+                      tasks, "--eval_batch_size", "auto", "--save", tmp_path / "out", "--save_model",
+                      tmp_path / "out" / "model")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "tiny_obvious_choice" in result.stdout and "acc" in result.stdout  # the printed table
     results = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -80,10 +81,10 @@ def test_zero_shot_with_a_local_task(tmp_path, embedded_model_dir, small_corpus_
 
 
 def prune_and_evaluate(model_dir, corpus_dir, tasks, out, *extra):
-    return run_python("main_block.py", "--model", model_dir, "--calib_dataset", corpus_dir, "--eval_dataset",
-                      corpus_dir, "--seqlen", 32, "--nsamples", 2, "--max_eval_windows", 1, "--sparsity_ratio", 0.2,
-                      "--eval_zero_shot", "--include_path", tasks, "--save", out, "--save_model", out / "pruned_model",
-                      *extra)
+    return run_main(prune_main, "--model", model_dir, "--calib_dataset", corpus_dir, "--eval_dataset", corpus_dir,
+                    "--seqlen", 32, "--nsamples", 2, "--max_eval_windows", 1, "--sparsity_ratio", 0.2,
+                    "--eval_zero_shot", "--include_path", tasks, "--save", out, "--save_model", out / "pruned_model",
+                    *extra)
 
 
 def test_a_failed_zero_shot_evaluation_keeps_the_pruned_model_and_its_results(tmp_path, tiny_pruned_dir,

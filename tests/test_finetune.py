@@ -16,7 +16,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from conftest import REPO_ROOT, file_contents, run_main, run_python
+from conftest import REPO_ROOT, file_contents, run_main
 from huggingface_hub import HfApi, RepoUrl
 from huggingface_hub.utils import filter_repo_objects
 from tiny_models import tiny_llama
@@ -38,6 +38,11 @@ def finetune_args(model_dir, corpus_dir, output_dir, *extra):
     return [FINETUNE, "--model_name_or_path", model_dir, "--dataset_dir", corpus_dir, "--output_dir", output_dir,
             "--block_size", 32, "--per_device_train_batch_size", 2, "--learning_rate", 1e-3, "--logging_steps", 1,
             "--max_eval_samples", 4, "--report_to", "none", "--disable_tqdm", "true", "--seed", 0, *extra]
+
+
+def run_finetune(*args) -> subprocess.CompletedProcess:
+    """``finetune.py`` with ``finetune_args(*args)``, run in this process."""
+    return run_main(finetune_main, *finetune_args(*args)[1:])
 
 
 def check_sparsity_cli(*args):
@@ -65,7 +70,7 @@ def test_sigint_saves_a_checkpoint_and_the_rerun_resumes(method, tmp_path, tiny_
     assert 3 <= step < 400 and os.path.isfile(os.path.join(stopped.group(2), "optimizer.pt"))
     assert not (output / "model.safetensors").exists()
 
-    rerun = run_python(*finetune_args(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", step + 2, *method))
+    rerun = run_finetune(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", step + 2, *method)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert f"Resuming from checkpoint {stopped.group(2)}" in rerun.stdout
     assert f"Step {step + 1}:" in rerun.stdout and "Step 1:" not in rerun.stdout
@@ -208,18 +213,16 @@ def test_a_json_config_trains_as_the_same_flags_would(tmp_path, tiny_pruned_dir,
     assert json.loads((tmp_path / "out" / "trainer_state.json").read_text())["global_step"] == 2
 
 
-def test_a_finished_model_is_not_overwritten_without_asking(tmp_path, tiny_pruned_dir, small_corpus_dir, capsys):
+def test_a_finished_model_is_not_overwritten_without_asking(tmp_path, tiny_pruned_dir, small_corpus_dir):
     output = tmp_path / "out"
-    first = run_python(*finetune_args(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 2,
-                                      "--save_strategy", "no"))
+    first = run_finetune(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 2, "--save_strategy", "no")
     assert first.returncode == 0, first.stderr[-2000:]
     saved = (output / "model.safetensors").stat().st_mtime_ns
-    with pytest.raises(SystemExit) as again:
-        finetune_main(list(map(str, finetune_args(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 2)[1:])))
-    assert again.value.code == 2 and "--overwrite_output_dir" in capsys.readouterr().err
+    again = run_finetune(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 2)
+    assert again.returncode == 2 and "--overwrite_output_dir" in again.stderr
     assert (output / "model.safetensors").stat().st_mtime_ns == saved
-    overwrite = run_python(*finetune_args(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 2,
-                                          "--overwrite_output_dir", "true"))
+    overwrite = run_finetune(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 2, "--overwrite_output_dir",
+                             "true")
     assert overwrite.returncode == 0, overwrite.stderr[-2000:]
 
 
@@ -383,7 +386,7 @@ def check_resumes_exactly_after_step_2(args, output, first):
     """A 4-step run that saved every 2 steps, run again as if it had stopped after step 2: it resumes there and
     logs the losses of steps 3 and 4 that ``first`` logged."""
     shutil.rmtree(output / "checkpoint-4")
-    rerun = run_python(*args)
+    rerun = run_main(finetune_main, *args[1:])
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert f"Resuming from checkpoint {output / 'checkpoint-2'}" in rerun.stdout
     losses = [re.findall(r"^Step [34]: loss=\S+$", run.stdout, re.M) for run in (first, rerun)]
@@ -395,7 +398,7 @@ def test_a_lora_run_resumes_exactly_and_saves_adapter_and_sparse_merged_model(tm
     output = tmp_path / "lora"
     args = finetune_args(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 4, "--save_steps", 2, "--lora",
                          "--lora_r", 4, "--lora_target_modules", "q_proj", "v_proj", "down_proj")
-    first = run_python(*args)
+    first = run_main(finetune_main, *args[1:])
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "*** Starting sparse LoRA fine-tuning ***" in first.stdout
     trainable = int(re.search(r"Trainable params: ([\d,]+)", first.stdout).group(1).replace(",", ""))
@@ -418,7 +421,7 @@ def test_a_qlora_run_trains_on_4bit_weights_resumes_and_saves_its_adapter_merged
     output = tmp_path / "qlora"
     args = finetune_args(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 4, "--save_steps", 2, "--lora",
                          "--lora_r", 4, "--load_in_4bit")
-    first = run_python(*args)
+    first = run_main(finetune_main, *args[1:])
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     pruned = AutoModelForCausalLM.from_pretrained(tiny_pruned_dir)
     initial = re.search(r"^Initial model sparsity: (\S+) in 4-bit, .*; pruned: (\S+)$", first.stdout, re.M)
@@ -441,7 +444,7 @@ def test_a_qlora_run_trains_on_4bit_weights_resumes_and_saves_its_adapter_merged
 
     check_resumes_exactly_after_step_2(args, output, first)
     shutil.rmtree(output / "checkpoint-4")
-    unquantized = run_python(*args[:-1])  # the same run on unquantized weights: another run
+    unquantized = run_main(finetune_main, *args[1:-1])  # the same run on unquantized weights: another run
     assert unquantized.returncode == 2 and "belongs to another run" in unquantized.stderr.strip().splitlines()[-1]
 
 
