@@ -121,10 +121,10 @@ def test_a_mismatched_teacher_is_refused(tmp_path, tokenizer):
 
 
 @pytest.mark.parametrize("teacher", ["{student}", "{student}/", "{link}"])
-def test_the_student_as_its_own_teacher_is_refused(teacher, tmp_path, tiny_pruned_dir, small_corpus_dir, capsys):
+def test_the_student_as_its_own_teacher_is_refused(teacher, tmp_path, tiny_pruned_dir, small_corpus_dir):
     (tmp_path / "link").symlink_to(tiny_pruned_dir)
     teacher = teacher.format(student=tiny_pruned_dir, link=tmp_path / "link")
-    status, _, err = finetune(capsys, tiny_pruned_dir, small_corpus_dir, tmp_path / "out", "--max_steps", 2,
+    status, _, err = finetune(tiny_pruned_dir, small_corpus_dir, tmp_path / "out", "--max_steps", 2,
                               "--teacher_model", teacher, "--distill_loss", "kl")
     assert status == 2
     assert err.strip().splitlines()[-1] == (f"error: --teacher_model {teacher} is the model being fine-tuned: its KL "
@@ -166,25 +166,25 @@ def test_teacher_init_kwargs_that_would_place_it_or_are_no_json_object_are_refus
 
 
 def test_sparse_qlora_distills_from_a_teacher_in_4bit_and_resumes_only_with_it(tmp_path, tiny_pruned_dir, teacher_dir,
-                                                                                small_corpus_dir, capsys):
+                                                                                small_corpus_dir):
     output = tmp_path / "out"
     flags = ["--lora", "--load_in_4bit", "--teacher_model", teacher_dir, "--save_steps", 1]
-    status, out, err = finetune(capsys, tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 1, *flags,
+    status, out, err = finetune(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 1, *flags,
                                 "--teacher_model_init_kwargs", TEACHER_IN_4BIT)
     assert status == 0, err[-2000:]
     assert f"loss kl+ce, temperature 1, weight 1; teacher loaded with {TEACHER_IN_4BIT}" in out
     assert f"| teacher loaded with | {TEACHER_IN_4BIT} |" in (output / "README.md").read_text()
     assert "Sparsity maintained: yes" in out and "Step 1: loss=" in out and ", kl=" in out
-    status, _, err = finetune(capsys, tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 2, *flags)
+    status, _, err = finetune(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 2, *flags)
     assert status == 2 and "belongs to another run (distillation {'init_kwargs': {'quantization_config'" in err
-    status, out, err = finetune(capsys, tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 2, *flags,
+    status, out, err = finetune(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 2, *flags,
                                 "--teacher_model_init_kwargs", TEACHER_IN_4BIT)
     assert status == 0 and f"Resuming from checkpoint {output}/checkpoint-1" in out, err[-2000:]
 
 
-def test_finetune_with_a_teacher_logs_each_term(tmp_path, tiny_pruned_dir, teacher_dir, small_corpus_dir, capsys):
+def test_finetune_with_a_teacher_logs_each_term(tmp_path, tiny_pruned_dir, teacher_dir, small_corpus_dir):
     output = tmp_path / "out"  # no --distill_loss: the default, kl+ce
-    status, out, err = finetune(capsys, tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 2,
+    status, out, err = finetune(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 2,
                                 "--teacher_model", teacher_dir)
     assert status == 0, err[-2000:]
     assert f"Distilling from {teacher_dir}: loss kl+ce, temperature 1, weight 1" in out
@@ -198,7 +198,7 @@ def test_finetune_with_a_teacher_logs_each_term(tmp_path, tiny_pruned_dir, teach
     tiny_llama(vocab_size=len(AutoTokenizer.from_pretrained(teacher_dir)), layers=3).save_pretrained(deeper)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(teacher_dir / name, deeper)
-    status, _, err = finetune(capsys, tiny_pruned_dir, small_corpus_dir, tmp_path / "refused", "--max_steps", 2,
+    status, _, err = finetune(tiny_pruned_dir, small_corpus_dir, tmp_path / "refused", "--max_steps", 2,
                               "--teacher_model", deeper, "--distill_loss", "squarehead")
     assert status == 2 and err.strip().splitlines()[-1].startswith("error: squarehead compares hidden states")
 

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO_ROOT, file_contents, run_main, run_python
-from test_finetune import check_sparsity_cli, finetune_args
+from conftest import REPO_ROOT, file_contents, run_python
+from test_finetune import check_sparsity_cli, finetune_args, run_finetune
 from test_launcher import LAUNCHER, system_path_without_nvidia_smi, write_executable
 from tiny_models import tiny_llama, zero_random_blocks
 from transformers import AutoModelForCausalLM, TrainingArguments
@@ -22,7 +22,6 @@ from dense_ft import guarded_trainer
 from dense_ft.checkpoints import MARKER, mark_complete
 from dense_ft.divergence import NonFiniteGuard, TrainingDiverged
 from dense_ft.errors import UserError, out_of_memory_as_user_error
-from dense_ft.finetune import main as finetune_main
 from dense_ft.finetune import memory_remedies
 from dense_ft.finetune import parse_args as parse_finetune_args
 from dense_ft.prune import main as prune_main
@@ -31,7 +30,7 @@ from dense_ft.sparsity import prunable_linears
 
 def finetune(*args) -> tuple[int, str, str]:
     """``finetune.py`` in this process: exit status, stdout, stderr."""
-    result = run_main(finetune_main, *finetune_args(*args)[1:])
+    result = run_finetune(*args)
     return result.returncode, result.stdout, result.stderr
 
 
