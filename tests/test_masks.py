@@ -4,11 +4,12 @@ import re
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import run_python
+from conftest import run_main
 from peft import LoraConfig, get_peft_model
 from tiny_models import BLOCK, tiny_llama, zero_random_blocks
 from transformers import MixtralConfig, MixtralForCausalLM
 
+from dense_ft.check_sparsity import main as check_sparsity_main
 from dense_ft.errors import UserError
 from dense_ft.masks import BlockMask, ElementMask, SparsityMasks, capture_mask
 from dense_ft.sparsity import check_sparsity, layer_sparsity, prunable_linears, validate_pattern
@@ -154,7 +155,7 @@ def test_a_pattern_off_the_schema_is_refused_in_one_line(change, message, tmp_pa
     with pytest.raises(UserError, match=re.escape(message)):
         SparsityMasks(model)
     model.save_pretrained(tmp_path)
-    result = run_python("-m", "dense_ft.check_sparsity", tmp_path, timeout=120)
+    result = run_main(check_sparsity_main, tmp_path)
     assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1]
 
 
