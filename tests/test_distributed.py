@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO_ROOT, run_python
+from conftest import REPO_ROOT
 from safetensors.torch import load_file
-from test_finetune import check_sparsity_cli, finetune_args
+from test_finetune import check_sparsity_cli, finetune_args, run_finetune
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
 
@@ -36,8 +36,8 @@ def test_ddp_on_two_processes_equals_one_process_with_the_same_effective_batch(m
     # accumulation is derived from the effective batch: 2 steps of 4 sequences, or of 2 x 2 processes.
     common = ["--max_steps", 4, "--save_strategy", "no", "--use_cpu", "true", "--max_eval_samples", 2,
               "--train_sampling_strategy", "sequential", "--effective_batch_size", 8, *METHOD_FLAGS[method]]
-    single = run_python(*finetune_args(tiny_pruned_dir, small_corpus_dir, tmp_path / "single", *common,
-                                       "--per_device_train_batch_size", 4))
+    single = run_finetune(tiny_pruned_dir, small_corpus_dir, tmp_path / "single", *common,
+                          "--per_device_train_batch_size", 4)
     assert single.returncode == 0, single.stderr[-3000:]
     ddp = run_torchrun(*finetune_args(tiny_pruned_dir, small_corpus_dir, tmp_path / "ddp", *common,
                                       "--per_device_train_batch_size", 2))
