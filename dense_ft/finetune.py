@@ -31,6 +31,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import chain
 
+import torch
 from datasets import DatasetDict
 from peft import get_peft_model
 from transformers import (
@@ -217,6 +218,10 @@ class SparseTrainingArguments(TrainingArguments):
         for flag in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, flag) < 1:
                 raise UserError(f"--{flag} must be in [0, 1), got {getattr(self, flag)}")
+        # AdamW's first step moves each weight by lr / (1 - beta1); torch's unfused AdamW cannot even hold that
+        if self.learning_rate / (1 - self.adam_beta1) > torch.finfo(torch.float32).max:
+            raise UserError(f"--learning_rate {self.learning_rate:g} is far too high: the optimizer's first step "
+                            "(learning rate / (1 - adam_beta1)) overflows float32")
         if self.max_grad_norm is not None and math.isnan(self.max_grad_norm):
             raise UserError("--max_grad_norm must be a number (0 or less: no clipping), got nan")
 

@@ -98,6 +98,7 @@ def test_sigint_saves_a_checkpoint_and_the_rerun_resumes(method, tmp_path, tiny_
     ({"--dataset_dir": "{tmp}/tiny_corpus"}, "no training sequence of 32 tokens"),
     ({"--learning_rate": "-1"}, "--learning_rate must be a positive finite number, got -1.0"),
     ({"--learning_rate": "1e400"}, "--learning_rate must be a positive finite number, got inf"),
+    ({"--learning_rate": "1e38", "--optim": "adamw_torch"}, "--learning_rate 1e+38 is far too high: the optimizer's"),
     ({"--per_device_train_batch_size": "0"}, "--per_device_train_batch_size must be 1 or more, got 0"),
     ({"--gradient_accumulation_steps": "0"}, "--gradient_accumulation_steps must be 1 or more, got 0"),
     ({"--effective_batch_size": "0"}, "--effective_batch_size must be 1 or more, got 0"),
