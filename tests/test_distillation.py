@@ -61,20 +61,22 @@ def token_blocks(vocab_size: int, count: int = 8, length: int = 32) -> Dataset:
 
 
 @pytest.mark.parametrize("loss, method", [("kl", "full"), ("kl+ce", "full"), ("squarehead", "full"),
-                                          ("kl", "lora"), ("kl+ce", "lora"), ("kl+ce", "qlora")])
+                                          ("squarehead", "full, torch.compile"), ("kl", "lora"), ("kl+ce", "lora"),
+                                          ("kl+ce", "qlora")])
 def test_the_teacher_never_trains_and_the_sparsity_holds(loss, method, tmp_path, tiny_pruned_dir, teacher_dir):
     pruned = AutoModelForCausalLM.from_pretrained(tiny_pruned_dir)
     student = load_in_4bit(tiny_pruned_dir) if method == "qlora" else pruned
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).requires_grad_(False).eval()
     teacher_before = {name: p.detach().clone() for name, p in teacher.state_dict().items()}
     args = TrainingArguments(tmp_path / "out", max_steps=2, save_steps=2, per_device_train_batch_size=2,
-                             gradient_accumulation_steps=2, learning_rate=1e-3, report_to="none", logging_steps=1)
+                             gradient_accumulation_steps=2, learning_rate=1e-3, report_to="none", logging_steps=1,
+                             torch_compile=method.endswith("torch.compile"))
     kwargs = dict(args=args, train_dataset=token_blocks(student.config.vocab_size), teacher=teacher,
                   distillation=DistillationArguments(teacher_model=str(teacher_dir), distill_loss=loss,
                                                      distill_chunk_tokens=8))
     reference = SparsityMasks(pruned)
     before = {name: linear.weight.detach().clone() for name, linear in prunable_linears(pruned).items()}
-    if method == "full":
+    if method.startswith("full"):
         trainer = DistillingSparseTrainer(model=student, **kwargs)
     else:
         adapted = add_sparse_lora(student, lora_config(4, 8, 0.0, LLAMA_TARGET_MODULES))
