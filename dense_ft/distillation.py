@@ -171,7 +171,9 @@ class DistillationMixin:
                                               attention_mask=inputs.get("attention_mask"),
                                               output_hidden_states=kind == "squarehead")
         valid = (inputs["labels"][:, 1:] != -100).float()
-        terms = {"ce": outputs.loss,
+        ce = outputs.loss if self.label_smoother is None else self.label_smoother(outputs, inputs["labels"],
+                                                                                  shift_labels=True)
+        terms = {"ce": ce,
                  "kl": chunked_kl(outputs.logits[:, :-1], teacher.last_hidden_state[:, :-1],
                                   self.teacher.get_output_embeddings(), valid,
                                   self.distillation.distill_temperature, self.distillation.distill_chunk_tokens)}

@@ -110,7 +110,17 @@ class SparseTrainingMixin(GuardedTrainingMixin):
 
 
 class SparseTrainer(SparseTrainingMixin, Trainer):
-    """``transformers.Trainer`` with the pruned pattern kept."""
+    """``transformers.Trainer`` with the pruned pattern kept.
+
+    Its evaluation loss is the plain cross-entropy, under ``label_smoothing_factor`` too (which then smooths the
+    training loss only), so that ``exp(eval_loss)`` is the perplexity.
+    """
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training or self.label_smoother is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        outputs = model(**inputs)
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
 
 
 class SparseLoraTrainer(SparseTrainer):

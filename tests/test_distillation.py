@@ -104,6 +104,24 @@ def test_the_teacher_never_trains_and_the_sparsity_holds(loss, method, tmp_path,
     assert any(not torch.equal(linear.weight, before[name]) for name, linear in prunable_linears(model).items())
 
 
+def test_label_smoothing_smooths_the_cross_entropy_term(tmp_path, tiny_pruned_dir, teacher_dir):
+    def first_log(smoothing):
+        args = TrainingArguments(tmp_path / str(smoothing), max_steps=1, per_device_train_batch_size=2,
+                                 learning_rate=1e-3, report_to="none", logging_steps=1, save_strategy="no",
+                                 label_smoothing_factor=smoothing)
+        student = AutoModelForCausalLM.from_pretrained(tiny_pruned_dir)
+        trainer = DistillingSparseTrainer(
+            model=student, args=args, train_dataset=token_blocks(student.config.vocab_size),
+            teacher=AutoModelForCausalLM.from_pretrained(teacher_dir).requires_grad_(False).eval(),
+            distillation=DistillationArguments(teacher_model=str(teacher_dir), distill_loss="kl+ce"))
+        trainer.train()
+        return trainer.state.log_history[0]
+
+    plain, smoothed = first_log(0.0), first_log(0.1)
+    assert smoothed["kl_loss"] == pytest.approx(plain["kl_loss"], rel=1e-6)
+    assert abs(smoothed["ce_loss"] - plain["ce_loss"]) > 1e-4
+
+
 def test_a_mismatched_teacher_is_refused(tmp_path, tokenizer):
     student = tiny_llama(vocab_size=len(tokenizer))
     with pytest.raises(UserError, match=r"the teacher's vocabulary \(256 tokens\) differs from the student's"):

@@ -80,6 +80,22 @@ def test_pruned_weights_and_their_moments_stay_zero(config, tmp_path):
         assert trainer.accelerator.scaler.get_scale() > 2.0**16, "the loss was scaled and the steps unscaled"
 
 
+def test_label_smoothing_smooths_the_training_loss_and_leaves_the_evaluation_the_perplexitys(tmp_path):
+    def run(smoothing):
+        model, _ = pruned_tiny_model()
+        args = training_args(tmp_path, max_steps=1, logging_strategy="steps", logging_steps=1,
+                             label_smoothing_factor=smoothing)
+        trainer = SparseTrainer(model=model, args=args, train_dataset=token_dataset(),
+                                eval_dataset=token_dataset(samples=4, seed=1))
+        evaluated = trainer.evaluate()["eval_loss"]
+        trainer.train()
+        return evaluated, trainer.state.log_history[-2]["loss"]
+
+    (plain_eval, plain_train), (smoothed_eval, smoothed_train) = run(0.0), run(0.1)
+    assert smoothed_eval == pytest.approx(plain_eval, abs=1e-6)
+    assert abs(smoothed_train - plain_train) > 1e-4
+
+
 def test_masks_act_only_on_real_optimizer_steps(tmp_path):
     model, _ = pruned_tiny_model()
     trainer = SparseTrainer(model=model, args=training_args(tmp_path, gradient_accumulation_steps=3, max_steps=4),
