@@ -1,4 +1,5 @@
-"""The fine-tuning entry point and the sparsity check, run as users run them."""
+"""The fine-tuning entry point and the sparsity check, run as users run them (their ``main()`` with the
+command's arguments, in this process unless the process itself is under test)."""
 
 import copy
 import importlib.util
@@ -452,8 +453,7 @@ def test_a_qlora_run_trains_on_4bit_weights_resumes_and_saves_its_adapter_merged
 def test_lora_bad_settings_are_one_line(tmp_path, tiny_pruned_dir, small_corpus_dir):
     for extra, message in ((["--lora_r", 0], "--lora needs --lora_r >= 1"),
                            (["--lora_target_modules", "nowhere_proj"], "--lora_target_modules")):
-        result = run_main(finetune_main, *finetune_args(tiny_pruned_dir, small_corpus_dir, tmp_path / "out", "--lora",
-                                                        *extra)[1:])
+        result = run_finetune(tiny_pruned_dir, small_corpus_dir, tmp_path / "out", "--lora", *extra)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
         assert message in result.stderr.strip().splitlines()[-1]
 
