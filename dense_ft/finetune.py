@@ -623,6 +623,7 @@ def train_and_save(model_args: ModelArguments, data_args: DataArguments, lora_ar
         return 1 if violations else 0
     finally:  # the process group destroyed before exit: without it a rank may abort there ("terminate called")
         close_progress_bars(trainer)
+        stop_on_signal.restore_handlers()  # for a caller of main() in its own process, as the tests are
         trainer.end()
 
 

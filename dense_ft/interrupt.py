@@ -25,8 +25,13 @@ class StopOnSignal(TrainerCallback):
         self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.restore_handlers()
+
+    def restore_handlers(self) -> None:
+        """The handlers from before training back: at its end, or after a run that raised (no on_train_end then)."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous = {}
 
     def on_step_end(self, args, state, control, **kwargs):
         if max_over_ranks(self.requested, args.device):  # every rank stops at the same step

@@ -91,6 +91,7 @@ def test_the_old_checkpoint_is_rotated_out_only_once_the_new_one_is_complete(tmp
 def test_a_diverging_run_stops_and_saves_nothing_as_final(learning_rate, problem, tmp_path, tiny_pruned_dir,
                                                           small_corpus_dir):
     output = tmp_path / "run"
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     status, out, err = finetune(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 20,
                                 "--save_steps", 1, "--learning_rate", learning_rate)
     assert status == 2, err[-2000:]
@@ -99,6 +100,7 @@ def test_a_diverging_run_stops_and_saves_nothing_as_final(learning_rate, problem
     assert "no final model was saved" in line and "Sparsity maintained" not in out
     assert not (output / "model.safetensors").exists()
     assert sorted(path.name for path in output.glob("checkpoint-*")) == ["checkpoint-1"]  # before the divergence
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers  # Ctrl+C works again in this process
 
 
 def test_a_failed_run_closes_its_progress_bar_so_that_its_error_is_the_last_line(tmp_path, tiny_pruned_dir,
