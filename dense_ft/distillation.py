@@ -165,14 +165,16 @@ class DistillationMixin:
         if not model.training:  # evaluation: the plain cross-entropy, comparable across runs
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         kind = self.distillation.distill_loss
+        labels = inputs["labels"]
+        if self.label_smoother is not None:  # the model's own cross-entropy would be computed for nothing
+            inputs = {name: value for name, value in inputs.items() if name != "labels"}
         outputs = model(**inputs, output_hidden_states=kind == "squarehead")
         with torch.no_grad():
             teacher = self.teacher.base_model(input_ids=inputs["input_ids"],
                                               attention_mask=inputs.get("attention_mask"),
                                               output_hidden_states=kind == "squarehead")
-        valid = (inputs["labels"][:, 1:] != -100).float()
-        ce = outputs.loss if self.label_smoother is None else self.label_smoother(outputs, inputs["labels"],
-                                                                                  shift_labels=True)
+        valid = (labels[:, 1:] != -100).float()
+        ce = outputs.loss if self.label_smoother is None else self.label_smoother(outputs, labels, shift_labels=True)
         terms = {"ce": ce,
                  "kl": chunked_kl(outputs.logits[:, :-1], teacher.last_hidden_state[:, :-1],
                                   self.teacher.get_output_embeddings(), valid,

@@ -115,6 +115,7 @@ def test_label_smoothing_smooths_the_cross_entropy_term(tmp_path, tiny_pruned_di
             teacher=AutoModelForCausalLM.from_pretrained(teacher_dir).requires_grad_(False).eval(),
             distillation=DistillationArguments(teacher_model=str(teacher_dir), distill_loss="kl+ce"))
         trainer.train()
+        assert trainer.masks.violations() == {}
         return trainer.state.log_history[0]
 
     plain, smoothed = first_log(0.0), first_log(0.1)

@@ -89,6 +89,7 @@ def test_label_smoothing_smooths_the_training_loss_and_leaves_the_evaluation_the
                                 eval_dataset=token_dataset(samples=4, seed=1))
         evaluated = trainer.evaluate()["eval_loss"]
         trainer.train()
+        assert trainer.masks.violations() == {}
         return evaluated, trainer.state.log_history[-2]["loss"]
 
     (plain_eval, plain_train), (smoothed_eval, smoothed_train) = run(0.0), run(0.1)
