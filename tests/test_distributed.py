@@ -29,7 +29,7 @@ def run_torchrun(*args, timeout=600):
 METHOD_FLAGS = {"full": [], "lora": ["--lora"], "qlora": ["--lora", "--load_in_4bit"]}
 
 
-@pytest.mark.parametrize("method", ["full", "lora", pytest.param("qlora", marks=pytest.mark.slow)])  # ~50 s each
+@pytest.mark.parametrize("method", ["full", "lora", pytest.param("qlora", marks=pytest.mark.slow)])  # 40-50 s each
 def test_ddp_on_two_processes_equals_one_process_with_the_same_effective_batch(method, tmp_path, tiny_pruned_dir,
                                                                                 small_corpus_dir):
     # Sequential order: shuffling with 1 or 2 processes gives different (equally valid) orders. The
