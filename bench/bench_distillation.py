@@ -5,9 +5,9 @@ does) each loss trains through ``dense_ft/finetune.py`` with the same data, seed
 constant learning rate (``--learning_rate``), steps of the demo's size (2 x 256 tokens,
 accumulated 4 times); the teacher is the dense model itself. Perplexity is the validation loss the
 Trainer measures every ``--eval_steps`` (``--eval_samples`` sequences of 256 tokens), read at each
-of ``--budgets`` (the demo's 40 steps and 4x it by default, from one run: the learning rate is
-constant, so step N of the long run is an N-step run). Training time excludes evaluations
-(train_runtime minus every eval_runtime); peak RSS comes from ``/usr/bin/time``. Cross-entropy
+of ``--budgets`` (by default 40 steps, the demo's until 2026-12-07, and 4x it, from one run: the
+learning rate is constant, so step N of the long run is an N-step run). Training time excludes
+evaluations (train_runtime minus every eval_runtime); peak RSS comes from ``/usr/bin/time``. Cross-entropy
 trains longer (``--ce_steps``), so that it can be read at the wall time each distillation run
 took: "CE at equal time"; ``--ce_results`` reads it from an earlier run's JSON line instead, and
 ``--losses ''`` trains CE alone, so the runs of a long budget can be spread over several sittings.

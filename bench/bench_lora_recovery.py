@@ -1,11 +1,11 @@
-"""Recovery at the demo's token budget: the pruned model, sparse full fine-tuning, sparse LoRA.
+"""Recovery in 40 steps of 2,048 tokens: the pruned model, sparse full fine-tuning, sparse LoRA.
 
 On the embedded default (SmolLM2-135M pruned by Wanda to 20% of its 16x16 blocks, as
 ``make demo`` does), each method trains through ``dense_ft/finetune.py`` with the demo's
-budget (320 sequences of 256 tokens, one epoch, effective batch 8: 40 steps of 2,048 tokens),
-one after the other on the same machine; then ``main_block.py`` measures the perplexity with
-the demo's protocol (seqlen 256, 16 windows). Wall time and peak RSS come from
-``/usr/bin/time``; every run is one JSON line.
+budget until 2026-12-07 (320 sequences of 256 tokens, one epoch, effective batch 8: 40 steps of
+2,048 tokens; the demo now trains 20), one after the other on the same machine; then
+``main_block.py`` measures the perplexity with the demo's protocol (seqlen 256, 16 windows).
+Wall time and peak RSS come from ``/usr/bin/time``; every run is one JSON line.
 
     PYTHONPATH=scripts .venv/bin/python bench/bench_lora_recovery.py [--methods full,lora:1e-4,lora:1e-3]
 """
@@ -22,7 +22,7 @@ from prepare_embedded import corpus_dir, model_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-DEMO_BUDGET = ["--block_size", "256", "--max_train_samples", "320", "--num_train_epochs", "1",
+FORTY_STEPS = ["--block_size", "256", "--max_train_samples", "320", "--num_train_epochs", "1",
                "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "4"]
 PERPLEXITY = ["--eval_dataset", str(corpus_dir()), "--seqlen", "256", "--max_eval_windows", "16"]
 
@@ -69,7 +69,7 @@ def compare_methods(work: Path, methods: list[str]):
         output = work / spec.replace(":", "_")
         stdout, seconds, peak_gib = run(
             [sys.executable, "dense_ft/finetune.py", "--model_name_or_path", pruned, "--dataset_dir", corpus_dir(),
-             "--output_dir", output, *DEMO_BUDGET, "--learning_rate", learning_rate, "--max_eval_samples", "8",
+             "--output_dir", output, *FORTY_STEPS, "--learning_rate", learning_rate, "--max_eval_samples", "8",
              "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
              *(["--lora"] if method == "lora" else [])], timed=True)
         trainable = int(re.search(r"Trainable params: ([\d,]+)", stdout).group(1).replace(",", ""))
