@@ -22,7 +22,8 @@ class StopOnSignal(TrainerCallback):
         self.requested = True
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        if not self._previous:  # once: --auto_find_batch_size begins the loop again after an out-of-memory error
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def on_train_end(self, args, state, control, **kwargs):
         self.restore_handlers()

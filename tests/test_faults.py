@@ -24,6 +24,7 @@ from dense_ft.divergence import NonFiniteGuard, TrainingDiverged
 from dense_ft.errors import UserError, out_of_memory_as_user_error
 from dense_ft.finetune import memory_remedies
 from dense_ft.finetune import parse_args as parse_finetune_args
+from dense_ft.interrupt import StopOnSignal
 from dense_ft.prune import main as prune_main
 from dense_ft.sparsity import prunable_linears
 
@@ -101,6 +102,17 @@ def test_a_diverging_run_stops_and_saves_nothing_as_final(learning_rate, problem
     assert not (output / "model.safetensors").exists()
     assert sorted(path.name for path in output.glob("checkpoint-*")) == ["checkpoint-1"]  # before the divergence
     assert {sig: signal.getsignal(sig) for sig in handlers} == handlers  # Ctrl+C works again in this process
+
+
+def test_a_training_loop_begun_again_gives_back_the_handlers_from_before_the_first():
+    """--auto_find_batch_size begins the loop again after an out-of-memory error: on_train_begin comes twice."""
+    handlers = {sig: signal.getsignal(sig) for sig in StopOnSignal.SIGNALS}
+    stop_on_signal = StopOnSignal()
+    for _ in range(2):
+        stop_on_signal.on_train_begin(None, None, None)
+        assert signal.getsignal(signal.SIGINT) == stop_on_signal._handle
+    stop_on_signal.on_train_end(None, None, None)
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
 
 
 def test_a_failed_run_closes_its_progress_bar_so_that_its_error_is_the_last_line(tmp_path, tiny_pruned_dir,
