@@ -140,7 +140,7 @@ def loaded_in_4bit(model, device: str, directory: str):
     """``model`` saved to ``directory`` and loaded back with its linear weights in 4-bit nf4 on ``device``, as
     ``finetune.py --load_in_4bit --torch_dtype bfloat16`` loads a pruned model. ``model`` is moved to the CPU
     first: the masks taken from it hold its layers, which would otherwise count in the peak device memory."""
-    from dense_ft.finetune import ModelArguments
+    from dense_ft.arguments import ModelArguments
     from dense_ft.modeling import load_weights
 
     model.to("cpu").save_pretrained(directory)

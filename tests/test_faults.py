@@ -19,11 +19,11 @@ from tiny_models import tiny_llama, zero_random_blocks
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 from dense_ft import guarded_trainer
+from dense_ft.arguments import parse_args as parse_finetune_args
 from dense_ft.checkpoints import MARKER, mark_complete
 from dense_ft.divergence import NonFiniteGuard, TrainingDiverged
 from dense_ft.errors import UserError, out_of_memory_as_user_error
 from dense_ft.finetune import memory_remedies
-from dense_ft.finetune import parse_args as parse_finetune_args
 from dense_ft.interrupt import StopOnSignal
 from dense_ft.prune import main as prune_main
 from dense_ft.sparsity import prunable_linears
