@@ -67,7 +67,7 @@ from dense_ft.sparse_lora import lora_config, sparse_lora_config
 from dense_ft.sparse_trainer import SparseLoraTrainer, SparseTrainer, check_sparsity, check_steps_after_backward
 from dense_ft.sparsity import PATTERN_KEY, is_4bit
 from dense_ft.text import hold_out_validation, load_corpus, load_text_files, load_wikitext_dir
-from dense_ft.versions import check_installed_versions
+from dense_ft.versions import check_installed_versions, check_optimizer_steps_on
 
 INTERRUPTED_EXIT_CODE = 130
 
@@ -286,12 +286,14 @@ def final_evaluation(trainer: Trainer) -> dict:
 
 
 def check_optimizer(training_args: SparseTrainingArguments, model) -> None:
-    """Refuse an --optim / --optim_args the Trainer cannot build (a missing package, say) before training."""
+    """Refuse, before training, an --optim / --optim_args the Trainer cannot build (a missing package, say) or
+    that cannot step on this device."""
     check_steps_after_backward(training_args.optim)
     try:
-        SparseTrainer.get_optimizer_cls_and_kwargs(training_args, model)
+        optimizer_cls, _ = SparseTrainer.get_optimizer_cls_and_kwargs(training_args, model)
     except (ImportError, ValueError) as error:
         raise UserError(f"--optim {training_args.optim.value}: {error}") from None
+    check_optimizer_steps_on(training_args.device.type, optimizer_cls, training_args.optim.value)
 
 
 def build_trainer(model, lora_args: LoraArguments, teacher=None, distillation: DistillationArguments | None = None,

@@ -179,6 +179,26 @@ def test_bad_input_fails_in_one_line_and_keeps_the_output_dir(change, message, t
     assert file_contents(tmp_path / "model") == file_contents(tiny_pruned_dir)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
+def test_a_bitsandbytes_optimizer_on_the_cpu_with_a_release_before_0_50_is_refused_before_training(
+        tmp_path, tiny_pruned_dir, small_corpus_dir, monkeypatch, capsys):
+    """Metadata of bitsandbytes 0.49.0 first on the path, as an environment with that release reads: its optimizers
+    fail at their first step on the CPU, with a traceback."""
+    dist_info = tmp_path / "bitsandbytes-0.49.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: bitsandbytes\nVersion: 0.49.0\n")
+    monkeypatch.syspath_prepend(tmp_path)
+    args = finetune_args(tiny_pruned_dir, small_corpus_dir, tmp_path / "out", "--max_steps", 1, "--use_cpu", "true",
+                         "--optim", "adamw_8bit")[1:]
+    with pytest.raises(SystemExit) as exited:
+        finetune_main(list(map(str, args)))
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --optim adamw_8bit on the CPU needs bitsandbytes >= 0.50 (0.49.0 is installed): "
+        "pip install 'bitsandbytes>=0.50', or train on a GPU")
+    assert not (tmp_path / "out" / "checkpoint-1").exists()
+
+
 @pytest.mark.parametrize("config, message", [
     ('{"model_name_or_path": "{model}",', "is not valid JSON: Expecting property name enclosed in double quotes"),
     ('["--learning_rate", "5e-5"]', "must hold a JSON object of flags and values"),

@@ -1,6 +1,7 @@
 """The package installs with pip and its tools run from anywhere, with no path set by hand."""
 
 import importlib
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from dense_ft.errors import UserError
-from dense_ft.versions import check_installed_versions, installed_requirements
+from dense_ft.versions import check_installed_versions, check_optimizer_steps_on, installed_requirements
 
 PROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
 TOOLS = {"dense-ft-prune": "Prune a causal LM", "dense-ft-finetune": "--model_name_or_path",
@@ -86,6 +87,28 @@ def test_a_release_out_of_range_or_missing_is_refused_in_one_line(requirements, 
 
 def test_an_extra_is_not_checked():
     check_installed_versions(['no-such-package>=1; extra == "qlora"'])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
+@pytest.mark.parametrize("device, optimizer, release, refused", [
+    ("cpu", "bitsandbytes.optim:AdamW8bit", "0.49.0", True),
+    ("cpu", "bitsandbytes.optim:PagedAdamW32bit", "0.46.1", True),
+    ("cpu", "galore_torch:GaLoreAdamW8bit", "0.49.0", True),  # a bitsandbytes optimizer underneath
+    ("cpu", "bitsandbytes.optim:AdamW8bit", "0.50.0", False),
+    ("cpu", "bitsandbytes.optim:AdamW8bit", None, False),  # the installed release: the tests need 0.50 or later
+    ("cuda", "bitsandbytes.optim:AdamW8bit", "0.49.0", False),
+    ("cpu", "torch.optim:AdamW", "0.49.0", False),
+])
+def test_a_bitsandbytes_optimizer_is_refused_on_the_cpu_before_0_50(device, optimizer, release, refused):
+    module, name = optimizer.split(":")
+    optimizer_cls = getattr(importlib.import_module(module), name)
+    if not refused:
+        check_optimizer_steps_on(device, optimizer_cls, "some_optim", release)
+        return
+    with pytest.raises(UserError) as refusal:
+        check_optimizer_steps_on(device, optimizer_cls, "some_optim", release)
+    assert str(refusal.value) == (f"--optim some_optim on the CPU needs bitsandbytes >= 0.50 ({release} is installed): "
+                                  "pip install 'bitsandbytes>=0.50', or train on a GPU")
 
 
 @pytest.mark.parametrize("tool, args", [
