@@ -80,6 +80,14 @@ class PrintProgress(TrainerCallback):
     def __init__(self):
         self.best_step_loaded = None
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        """--auto_find_batch_size lowers the per-device batch after an out-of-memory error and begins again; the
+        accumulation stays, so the effective batch size printed at the start is no longer the one trained with."""
+        per_device = state.train_batch_size // max(1, args.n_gpu)  # the Trainer's batch spans a process's GPUs
+        if state.is_world_process_zero and per_device != args.per_device_train_batch_size:
+            print(f"--auto_find_batch_size lowered the per-device batch to {per_device} after running out of memory: "
+                  f"effective batch size {effective_batch(args, per_device)}", flush=True)
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs and "loss" in logs:
             terms = ", ".join(f"{name.removesuffix('_loss')}={logs[name]:.4f}" for name in self.TERMS if name in logs)
@@ -106,6 +114,13 @@ def evaluated_step(step: int, best_step: int | None) -> str:
 
 def perplexity(loss: float) -> float:
     return math.exp(min(loss, 700))
+
+
+def effective_batch(args: TrainingArguments, per_device: int) -> str:
+    """The sequences per optimizer step with ``per_device`` per process, and what makes them."""
+    world, accumulation = args.world_size, args.gradient_accumulation_steps
+    return (f"{per_device * world * accumulation} (per-device {per_device} x {world} process(es) x accumulation "
+            f"{accumulation})")
 
 
 def load_raw_text(data_args: DataArguments) -> tuple[DatasetDict, bool]:
@@ -236,10 +251,7 @@ def print_start(trainer: SparseTrainer | SparseLoraTrainer, resume_from: str | N
     trainable = sum(parameter_count(p) for p in trainer.model.parameters() if p.requires_grad)
     total = sum(parameter_count(p) for p in trainer.model.parameters())
     print(f"Trainable params: {trainable:,} || All params: {total:,} || Trainable%: {100 * trainable / total:.2f}")
-    batch, world, accumulation = (trainer.args.per_device_train_batch_size, trainer.args.world_size,
-                                  trainer.args.gradient_accumulation_steps)
-    print(f"Effective batch size: {batch * world * accumulation} (per-device {batch} x {world} process(es) x "
-          f"accumulation {accumulation})")
+    print(f"Effective batch size: {effective_batch(trainer.args, trainer.args.per_device_train_batch_size)}")
     if getattr(trainer, "teacher", None) is not None:
         settings = trainer.distillation
         loaded_with = f"; teacher loaded with {json.dumps(kwargs)}" if (kwargs := settings.init_kwargs()) else ""

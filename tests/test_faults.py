@@ -16,14 +16,14 @@ from conftest import REPO_ROOT, file_contents, run_python
 from test_finetune import check_sparsity_cli, finetune_args, run_finetune
 from test_launcher import LAUNCHER, system_path_without_nvidia_smi, write_executable
 from tiny_models import tiny_llama, zero_random_blocks
-from transformers import AutoModelForCausalLM, TrainingArguments
+from transformers import AutoModelForCausalLM, TrainerState, TrainingArguments
 
 from dense_ft import guarded_trainer
 from dense_ft.arguments import parse_args as parse_finetune_args
 from dense_ft.checkpoints import MARKER, mark_complete
 from dense_ft.divergence import NonFiniteGuard, TrainingDiverged
 from dense_ft.errors import UserError, out_of_memory_as_user_error
-from dense_ft.finetune import memory_remedies
+from dense_ft.finetune import PrintProgress, memory_remedies
 from dense_ft.interrupt import StopOnSignal
 from dense_ft.prune import main as prune_main
 from dense_ft.sparsity import prunable_linears
@@ -113,6 +113,20 @@ def test_a_training_loop_begun_again_gives_back_the_handlers_from_before_the_fir
         assert signal.getsignal(signal.SIGINT) == stop_on_signal._handle
     stop_on_signal.on_train_end(None, None, None)
     assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
+
+
+def test_a_training_loop_begun_again_with_a_lower_batch_says_the_effective_batch_it_trains_with(tmp_path, capsys):
+    """--auto_find_batch_size lowers the per-device batch after each out-of-memory error and keeps the accumulation:
+    a CPU run capped at 4 GiB went from 448 sequences per step to 123 with nothing said. These are its loop's
+    beginnings, without the minute of failed allocations before them."""
+    args = TrainingArguments(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2, use_cpu=True)
+    progress = PrintProgress()
+    progress.on_train_begin(args, TrainerState(train_batch_size=4), None)
+    assert capsys.readouterr().out == ""
+    progress.on_train_begin(args, TrainerState(train_batch_size=3), None)
+    assert capsys.readouterr().out == (
+        "--auto_find_batch_size lowered the per-device batch to 3 after running out of memory: effective batch size 6 "
+        "(per-device 3 x 1 process(es) x accumulation 2)\n")
 
 
 def test_a_failed_run_closes_its_progress_bar_so_that_its_error_is_the_last_line(tmp_path, tiny_pruned_dir,
