@@ -3,7 +3,7 @@
 On the embedded default (SmolLM2-135M pruned by Wanda to 20% of its 16x16 blocks, as
 ``make demo`` does), each method trains through ``dense_ft/finetune.py`` with the demo's
 budget until 2026-12-07 (320 sequences of 256 tokens, one epoch, effective batch 8: 40 steps of
-2,048 tokens; the demo now trains 20), one after the other on the same machine; then
+2,048 tokens; the demo now trains 16), one after the other on the same machine; then
 ``main_block.py`` measures the perplexity with the demo's protocol (seqlen 256, 16 windows).
 Wall time and peak RSS come from ``/usr/bin/time``; every run is one JSON line.
 
