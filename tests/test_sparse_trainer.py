@@ -58,6 +58,26 @@ CONFIGS = {
 }
 
 
+class OutOfMemoryOnce(TrainerCallback):
+    """The CPU allocator's error, once, after two optimizer steps at the first batch: --auto_find_batch_size then
+    begins the loop again with a tenth less, on the weights and optimizer those steps left."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.train_batch_size == 4 and state.global_step == 2:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+
+def test_a_loop_begun_again_by_auto_find_batch_size_keeps_the_pruned_weights_zero(tmp_path):
+    model, pruned = pruned_tiny_model()
+    args = training_args(tmp_path, per_device_train_batch_size=4, auto_find_batch_size=True)
+    trainer = SparseTrainer(model=model, args=args, train_dataset=token_dataset(), callbacks=[OutOfMemoryOnce()])
+    trainer.train()
+
+    assert trainer.state.train_batch_size == 3 and trainer.state.global_step == STEPS  # begun again, then finished
+    assert_pruned_weights_zero(model, pruned)
+    assert trainer.masks.violations() == {}
+
+
 @pytest.mark.parametrize("config", CONFIGS)
 def test_pruned_weights_and_their_moments_stay_zero(config, tmp_path):
     overrides, dtype = CONFIGS[config]
