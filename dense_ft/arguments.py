@@ -30,6 +30,12 @@ from dense_ft.sparse_lora import LLAMA_TARGET_MODULES
 @dataclass
 class ModelArguments:
     model_name_or_path: str = field(metadata={"help": "Pruned model: a local directory or a Hub id."})
+    cache_dir: str | None = field(default=None, metadata={
+        "help": "Where the models and data sets fetched from the Hub are stored, if not in the Hugging Face cache."})
+    model_revision: str = field(default="main", metadata={"help": "The model's branch, tag or commit on the Hub."})
+    token: str | None = field(default=None, metadata={
+        "help": "Hub token for private and gated models and data sets, if not $HF_TOKEN or the one `hf auth login` "
+                "saved."})
     torch_dtype: str = field(default="float32", metadata={"help": "Weight dtype.", "choices": list(DTYPES)})
     load_in_4bit: bool = field(default=False, metadata={
         "help": "Sparse QLoRA (with --lora): the pruned model's linear weights are loaded in 4-bit (bitsandbytes) "
@@ -50,15 +56,25 @@ class ModelArguments:
         if importlib.util.find_spec("bitsandbytes") is None:
             raise UserError("--load_in_4bit needs bitsandbytes: pip install bitsandbytes")
 
+    def hub_kwargs(self) -> dict:
+        """Where files fetched from the Hub are stored, and the token that fetches them: for the model, its data and
+        its teacher alike."""
+        return {"cache_dir": self.cache_dir, "token": self.token}
+
+    def source_kwargs(self) -> dict:
+        """``from_pretrained``'s arguments that say where the pruned model's files come from."""
+        return {**self.hub_kwargs(), "revision": self.model_revision}
+
     def loading_kwargs(self, device) -> dict:
-        """``from_pretrained``'s arguments for 4-bit weights quantized on this process's device (none without
-        --load_in_4bit)."""
+        """``from_pretrained``'s arguments for the pruned model as it trains: from its source, in 4-bit quantized on
+        this process's device with --load_in_4bit."""
+        kwargs = self.source_kwargs()
         if not self.load_in_4bit:
-            return {}
+            return kwargs
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=self.bnb_4bit_quant_type,
                                     bnb_4bit_use_double_quant=self.use_bnb_nested_quant,
                                     bnb_4bit_compute_dtype=DTYPES[self.torch_dtype])
-        return {"quantization_config": config, "device_map": {"": device}}
+        return {**kwargs, "quantization_config": config, "device_map": {"": device}}
 
     def describe_4bit(self) -> str:
         return f"4-bit {self.bnb_4bit_quant_type}{' with nested quantization' if self.use_bnb_nested_quant else ''}"

@@ -83,15 +83,18 @@ class DistillationArguments:
         return kwargs
 
 
-def load_teacher(args: DistillationArguments, student, student_tokenizer, training_args):
-    """The teacher on this process's device, in the training precision, frozen; refuses one that does not match."""
+def load_teacher(args: DistillationArguments, student, student_tokenizer, training_args, **hub_kwargs):
+    """The teacher on this process's device, in the training precision, frozen; refuses one that does not match.
+    ``hub_kwargs`` (the student's ``cache_dir`` and ``token``) go to its ``from_pretrained``, unless
+    --teacher_model_init_kwargs sets them."""
     if training_args.fsdp:
         raise UserError("--teacher_model with --fsdp is not supported: every rank would hold the whole teacher "
                         "unsharded; train with DDP (one teacher per GPU) or without a teacher")
     dtype = "bfloat16" if training_args.bf16 else "float16" if training_args.fp16 else _dtype_name(student)
     kwargs = args.init_kwargs()
     try:  # loaded on the device it runs on: a quantized teacher is quantized there, and cannot move afterwards
-        teacher, tokenizer = load_model(args.teacher_model, dtype, device_map={"": training_args.device}, **kwargs)
+        teacher, tokenizer = load_model(args.teacher_model, dtype, device_map={"": training_args.device},
+                                        **{**hub_kwargs, **kwargs})
     except (ImportError, TypeError, ValueError) as error:
         if not kwargs:
             raise

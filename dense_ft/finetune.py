@@ -123,25 +123,25 @@ def effective_batch(args: TrainingArguments, per_device: int) -> str:
             f"{accumulation})")
 
 
-def load_raw_text(data_args: DataArguments) -> tuple[DatasetDict, bool]:
-    """The text by split, and whether its validation split was held out of its training rows (run_clm.py's way for
-    a source without one)."""
-    raw = load_source_text(data_args)
+def load_raw_text(data_args: DataArguments, **load_kwargs) -> tuple[DatasetDict, bool]:
+    """The text by split (``load_kwargs`` go to ``load_dataset``), and whether its validation split was held out of
+    its training rows (run_clm.py's way for a source without one)."""
+    raw = load_source_text(data_args, **load_kwargs)
     if "validation" in raw or data_args.validation_split_percentage == 0:
         return raw, False
     return hold_out_validation(raw, data_args.validation_split_percentage), True
 
 
-def load_source_text(data_args: DataArguments):
+def load_source_text(data_args: DataArguments, **load_kwargs):
     if data_args.dataset_dir:
-        return load_wikitext_dir(data_args.dataset_dir, splits=("train", "validation"))
+        return load_wikitext_dir(data_args.dataset_dir, splits=("train", "validation"), **load_kwargs)
     if data_args.train_file:
         files = {"train": data_args.train_file}
         if data_args.validation_file:
             files["validation"] = data_args.validation_file
-        return load_text_files(files)
+        return load_text_files(files, **load_kwargs)
     if data_args.dataset_name:
-        return load_corpus(data_args.dataset_name, data_args.dataset_config_name, splits=("train",))
+        return load_corpus(data_args.dataset_name, data_args.dataset_config_name, splits=("train",), **load_kwargs)
     raise UserError("no training data: give --dataset_name, --dataset_dir or --train_file")
 
 
@@ -358,7 +358,7 @@ def memory_remedies(model_args: ModelArguments, lora_args: LoraArguments, distil
 def train_and_save(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
                    distill_args: DistillationArguments, training_args: SparseTrainingArguments) -> int:
     resume_from = checkpoint_to_resume(training_args)
-    raw, held_out = load_raw_text(data_args)
+    raw, held_out = load_raw_text(data_args, **model_args.hub_kwargs())
     model, tokenizer = load_model(model_args.model_name_or_path, model_args.torch_dtype,
                                   **model_args.loading_kwargs(training_args.device))
     identity = run_identity(model_args, data_args, lora_args, distill_args, training_args, model, held_out)
@@ -374,7 +374,8 @@ def train_and_save(model_args: ModelArguments, data_args: DataArguments, lora_ar
                         f"{model.config.max_position_embeddings} positions")
     train_dataset, eval_dataset = prepare_datasets(raw, tokenizer, data_args, training_args)
 
-    teacher = load_teacher(distill_args, model, tokenizer, training_args) if distill_args.teacher_model else None
+    teacher = (load_teacher(distill_args, model, tokenizer, training_args, **model_args.hub_kwargs())
+               if distill_args.teacher_model else None)
 
     set_seed(training_args.seed)  # the adapters' initialization, as run_clm seeds the model's
     stop_on_signal = StopOnSignal()
@@ -498,7 +499,7 @@ def merge_into_unquantized(trainer: SparseLoraTrainer, model_args: ModelArgument
     if trainer.is_world_process_zero():
         output_dir = trainer.args.output_dir
         report = merge(model_args.model_name_or_path, os.path.join(output_dir, "adapter"), output_dir,
-                       model_args.torch_dtype)
+                       model_args.torch_dtype, **model_args.source_kwargs())
     trainer.accelerator.wait_for_everyone()
     return report
 

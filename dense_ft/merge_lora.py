@@ -69,10 +69,11 @@ def check_paths(pruned_model: str, adapter: str, output_dir: str) -> None:
     check_not_an_input(output_dir, "output_dir", {"pruned_model": pruned_model, "adapter": adapter})
 
 
-def merge(pruned_model: str, adapter: str, output_dir: str, torch_dtype: str = "float32") -> dict:
-    """Merge ``adapter`` into ``pruned_model`` (unquantized, in ``torch_dtype``) and save it; the report."""
+def merge(pruned_model: str, adapter: str, output_dir: str, torch_dtype: str = "float32", **source_kwargs) -> dict:
+    """Merge ``adapter`` into ``pruned_model`` (unquantized, in ``torch_dtype``; ``source_kwargs`` go to its
+    ``from_pretrained``) and save it; the report."""
     check_paths(pruned_model, adapter, output_dir)
-    model, tokenizer = load_model(pruned_model, torch_dtype)
+    model, tokenizer = load_model(pruned_model, torch_dtype, **source_kwargs)
     masks = SparsityMasks(model)
     if not masks:
         raise UserError(f"{pruned_model} has no pruned weights: there is nothing for the mask to keep")

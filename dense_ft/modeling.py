@@ -9,6 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from .errors import UserError, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# ``from_pretrained``'s arguments that say where a model's files come from: its tokenizer's come from there too.
+HUB_OPTIONS = ("cache_dir", "revision", "token")
 
 
 def looks_like_local_path(name: str) -> bool:
@@ -47,9 +49,9 @@ def load_weights(name: str, dtype: str = "float32", **kwargs):
 
 
 def load_model(name: str, dtype: str = "float32", device: str | None = None, **kwargs):
-    """A causal LM and its tokenizer."""
+    """A causal LM and its tokenizer, both from where ``kwargs``' ``HUB_OPTIONS`` say."""
     model = load_weights(name, dtype, **kwargs)
-    tokenizer = _from_pretrained(AutoTokenizer, name)
+    tokenizer = _from_pretrained(AutoTokenizer, name, **{key: kwargs[key] for key in HUB_OPTIONS if key in kwargs})
     if device:
         model.to(device)
     return model, tokenizer

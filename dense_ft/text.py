@@ -30,8 +30,9 @@ def file_builder(path: str) -> str:
     return TABLE_BUILDERS.get(os.path.splitext(path)[1].lower(), "text")
 
 
-def load_text_files(files: dict[str, str]) -> DatasetDict:
-    """Text files by split: plain text (one row per line), or CSV or JSON (lines) with a ``text`` column."""
+def load_text_files(files: dict[str, str], **load_kwargs) -> DatasetDict:
+    """Text files by split: plain text (one row per line), or CSV or JSON (lines) with a ``text`` column;
+    ``load_kwargs`` go to ``load_dataset`` (``cache_dir``: where it keeps what it read)."""
     missing = [path for path in files.values() if not os.path.isfile(path)]
     if missing:
         raise UserError(f"text file not found: {', '.join(missing)}")
@@ -45,7 +46,7 @@ def load_text_files(files: dict[str, str]) -> DatasetDict:
     builder = builders.pop()
     options = {"keep_linebreaks": True} if builder == "text" else {}
     try:
-        corpus = load_dataset(builder, data_files=files, **options)
+        corpus = load_dataset(builder, data_files=files, **options, **load_kwargs)
     except DatasetGenerationError as error:
         if isinstance(error.__cause__, UnicodeDecodeError):
             raise UserError(_not_utf8(files.values())) from error
@@ -86,25 +87,27 @@ def _not_utf8(paths) -> str:
     return "a text file is not UTF-8 text"
 
 
-def load_wikitext_dir(directory: str, splits=tuple(WIKITEXT_FILES)) -> DatasetDict:
+def load_wikitext_dir(directory: str, splits=tuple(WIKITEXT_FILES), **load_kwargs) -> DatasetDict:
     """A local directory in the WikiText raw layout (``wiki.{train,valid,test}.raw``)."""
     files = {split: os.path.join(directory, WIKITEXT_FILES[split]) for split in splits}
     missing = [os.path.basename(path) for path in files.values() if not os.path.isfile(path)]
     if missing:
         raise UserError(f"corpus directory {directory!r} lacks {', '.join(missing)}")
-    return load_text_files(files)
+    return load_text_files(files, **load_kwargs)
 
 
-def load_corpus(source: str, config_name: str | None = None, splits=tuple(WIKITEXT_FILES)) -> DatasetDict:
-    """``wikitext2`` (the Hub's wikitext-2-raw-v1), a local WikiText-layout directory, or a Hub data set."""
+def load_corpus(source: str, config_name: str | None = None, splits=tuple(WIKITEXT_FILES),
+                **load_kwargs) -> DatasetDict:
+    """``wikitext2`` (the Hub's wikitext-2-raw-v1), a local WikiText-layout directory, or a Hub data set;
+    ``load_kwargs`` go to ``load_dataset`` (``cache_dir``, ``token``)."""
     if os.path.isdir(source):
-        return load_wikitext_dir(source, splits)
+        return load_wikitext_dir(source, splits, **load_kwargs)
     if source == "wikitext2":
         source, config_name = WIKITEXT2
     elif looks_like_local_path(source):
         raise UserError(f"corpus directory not found: {source}")
     try:
-        corpus = load_dataset(source, config_name)
+        corpus = load_dataset(source, config_name, **load_kwargs)
     except Exception as error:  # the Hub's errors are many; all mean the same to the user
         raise UserError(f"cannot load data set {source!r} ({config_name}): {type(error).__name__}: "
                         f"{first_line(error)}") from error

@@ -3,6 +3,7 @@
 
 import io
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -49,6 +50,17 @@ def run_main(main: Callable[[list[str]], None], *args) -> subprocess.CompletedPr
 def file_contents(directory: Path) -> dict[Path, bytes]:
     """Every file under ``directory`` and its bytes: what a refused run must leave as it was."""
     return {path.relative_to(directory): path.read_bytes() for path in directory.rglob("*") if path.is_file()}
+
+
+def hub_cache(cache_dir: Path, repo_id: str, revisions: dict[str, Path]) -> None:
+    """``cache_dir`` holding the model ``repo_id`` as the Hub's downloads leave it: a snapshot per revision (a branch
+    or tag name: a copy of its directory), each named by a commit that ``refs/<revision>`` points to."""
+    repo = cache_dir / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    for number, (revision, directory) in enumerate(revisions.items()):
+        commit = f"{number:040x}"
+        shutil.copytree(directory, repo / "snapshots" / commit)
+        (repo / "refs" / revision).write_text(commit)
 
 
 def prepared(path: Path, marker: str) -> Path:

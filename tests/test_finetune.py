@@ -17,7 +17,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from conftest import REPO_ROOT, file_contents, run_main
+from conftest import REPO_ROOT, file_contents, hub_cache, run_main
 from huggingface_hub import HfApi, RepoUrl
 from huggingface_hub.utils import filter_repo_objects
 from tiny_models import tiny_llama
@@ -519,8 +519,8 @@ def test_data_without_a_validation_split_holds_out_its_first_rows_as_run_clm_doe
     lines = (small_corpus_dir / "wiki.train.raw").read_text(encoding="utf-8").splitlines(keepends=True)
     rows = tmp_path / "stories.jsonl"
     rows.write_text("".join(json.dumps({"id": i, "text": line}) + "\n" for i, line in enumerate(lines)))
-    monkeypatch.setattr(text, "load_dataset", lambda name, config=None: datasets.load_dataset(
-        "json", data_files={"train": str(rows)}))
+    monkeypatch.setattr(text, "load_dataset", lambda name, config=None, **options: datasets.load_dataset(
+        "json", data_files={"train": str(rows)}, **options))
     output = tmp_path / "out"
     args = finetune_args(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 1, "--dataset_dir", "",
                          "--dataset_name", "user/stories", "--max_eval_samples", 1000)[1:]
@@ -534,3 +534,28 @@ def test_data_without_a_validation_split_holds_out_its_first_rows_as_run_clm_doe
     assert json.loads((output / "eval_results.json").read_text())["eval_loss"] == pytest.approx(expected, rel=1e-5)
     marker = json.loads((output / "checkpoint-1" / "dense_ft_checkpoint.json").read_text())
     assert marker["run"]["validation_split_percentage"] == 5
+
+
+@pytest.mark.parametrize("method", [["--teacher_model", "acme/tiny", "--distill_loss", "kl",
+                                     "--teacher_model_init_kwargs", '{"revision": "dense"}'],
+                                    ["--lora", "--load_in_4bit"]], ids=["full, distilled", "qlora"])
+def test_models_from_the_hub_come_from_cache_dir_at_model_revision_and_train_sparse(method, tmp_path, tokenizer,
+                                                                                    tiny_pruned_dir, small_corpus_dir):
+    """The Hub here: its cache, read offline. ``acme/tiny-pruned`` has the pruned model at revision v2 and its dense
+    original on main; the teacher ``acme/tiny`` is that dense original too, at its revision ``dense``. QLoRA loads
+    the pruned model twice: in 4-bit to train, unquantized to merge."""
+    dense = tmp_path / "dense"
+    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(dense)
+    tokenizer.save_pretrained(dense)
+    cache, output, token = tmp_path / "cache", tmp_path / "out", "hf_not_to_be_written_anywhere"
+    hub_cache(cache, "acme/tiny-pruned", {"main": dense, "v2": tiny_pruned_dir})
+    hub_cache(cache, "acme/tiny", {"dense": dense})
+    args = finetune_args("acme/tiny-pruned", small_corpus_dir, output, "--max_steps", 2, "--cache_dir", cache,
+                         "--model_revision", "v2", "--token", token, *method)[1:]
+    result = run_main(finetune_main, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Sparsity maintained: yes" in result.stdout
+    assert check_sparsity_cli(output, "--reference", tiny_pruned_dir).returncode == 0
+    assert any((cache / "text").iterdir())  # the data sets' cache too, as run_clm.py keeps it
+    written = b"".join(file_contents(output).values()) + (result.stdout + result.stderr).encode()
+    assert token.encode() not in written
