@@ -62,6 +62,8 @@ def available_device(value: str) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="Hub id or local directory of the model")
+    parser.add_argument("--cache_dir", help="where the model and data sets fetched from the Hub are stored "
+                                            "(default: the Hugging Face cache)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
     parser.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     parser.add_argument("--sparsity_ratio", type=float, default=0.0, help="fraction of blocks to prune, in [0, 1)")
@@ -145,9 +147,10 @@ def run(args: argparse.Namespace) -> dict:
     if args.save_model:
         check_not_an_input(args.save_model, "--save_model", {"--model": args.model})
     task_manager = zero_shot_task_manager(args.tasks, args.include_path) if args.eval_zero_shot else None
-    calib = load_corpus(args.calib_dataset, splits=("train",)) if args.sparsity_ratio > 0 else None
-    evaluation = load_corpus(args.eval_dataset, splits=("test",))
-    model, tokenizer = load_model(args.model, args.dtype)
+    calib = (load_corpus(args.calib_dataset, splits=("train",), cache_dir=args.cache_dir)
+             if args.sparsity_ratio > 0 else None)
+    evaluation = load_corpus(args.eval_dataset, splits=("test",), cache_dir=args.cache_dir)
+    model, tokenizer = load_model(args.model, args.dtype, cache_dir=args.cache_dir)
     model.eval()
     seqlen = args.seqlen or model.config.max_position_embeddings
     if seqlen > model.config.max_position_embeddings:

@@ -2,7 +2,8 @@ import json
 import shutil
 
 import pytest
-from conftest import file_contents, run_main, run_python
+from conftest import file_contents, hub_cache, run_main, run_python
+from tiny_models import tiny_llama
 from transformers import AutoModelForCausalLM
 
 from dense_ft.masks import SparsityMasks
@@ -45,6 +46,21 @@ def test_bad_input_is_one_line_and_non_zero(extra, message, tmp_path, tiny_prune
     assert "Traceback" not in result.stderr
     assert message in result.stderr.strip().splitlines()[-1]
     assert file_contents(tmp_path / "model") == file_contents(tiny_pruned_dir)
+
+
+def test_a_model_from_the_hub_comes_from_cache_dir(tmp_path, tokenizer, small_corpus_dir):
+    """The Hub here: its cache, read offline; the corpora's cache goes there too, as run_clm.py keeps it."""
+    dense = tmp_path / "dense"
+    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(dense)
+    tokenizer.save_pretrained(dense)
+    hub_cache(tmp_path / "cache", "acme/tiny", {"main": dense})
+    result = run_main(prune_main, "--model", "acme/tiny", "--cache_dir", tmp_path / "cache", "--calib_dataset",
+                      small_corpus_dir, "--eval_dataset", small_corpus_dir, "--seqlen", 64, "--nsamples", 4,
+                      "--sparsity_ratio", 0.2, "--save_model", tmp_path / "pruned")
+    assert result.returncode == 0, result.stderr[-3000:]
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    assert PATTERN_KEY in pruned.config.to_dict() and check_sparsity(pruned) > 0.1  # 0.2 of the blocks, rounded down
+    assert any((tmp_path / "cache" / "text").iterdir())
 
 
 def test_main_block_does_not_import_the_trainer():
