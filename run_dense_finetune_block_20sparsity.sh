@@ -292,9 +292,26 @@ check_pruned_model() {
     fi
 }
 
+# The arguments quoted for a shell, each token's value (--token, --hub_token) shown as '<hidden>':
+# what is printed goes to terminals and logs.
+quoted_hiding_tokens() {
+    local arg hide=0
+    for arg in "$@"; do
+        if (( hide )); then
+            printf "'<hidden>' "
+            hide=0
+        elif [[ $arg =~ ^--(hub_)?token= ]]; then
+            printf "%s='<hidden>' " "${arg%%=*}"
+        else
+            [[ ! $arg =~ ^--(hub_)?token$ ]] || hide=1
+            printf '%q ' "$arg"
+        fi
+    done
+}
+
 print_banner() {
     local extra=""  # the line only when there are some: they come last, so they override the settings above
-    (( ${#EXTRA_ARGS[@]} == 0 )) || extra=$'\n'"  Passed on to finetune.py: $(printf '%q ' "${EXTRA_ARGS[@]}")"
+    (( ${#EXTRA_ARGS[@]} == 0 )) || extra=$'\n'"  Passed on to finetune.py: $(quoted_hiding_tokens "${EXTRA_ARGS[@]}")"
     cat <<EOF
 ==========================================
 Dense Fine-tuning Configuration
@@ -338,7 +355,7 @@ method_command() {
             *) args+=("$1"); shift ;;
         esac
     done
-    printf '%q ' "${USER_SETTINGS[@]}" "OUTPUT_DIR=$output_dir" bash "$0" --method "$method" "${args[@]}"
+    quoted_hiding_tokens "${USER_SETTINGS[@]}" "OUTPUT_DIR=$output_dir" bash "$0" --method "$method" "${args[@]}"
 }
 
 # Prints free memory of every chosen GPU; asks (or, without a terminal, stops) when any is low.

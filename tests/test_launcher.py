@@ -375,6 +375,19 @@ def test_the_low_memory_advice_is_the_lora_command_for_the_same_run(fake, tmp_pa
     assert flag_value(argv, "--output_dir") == str(tmp_path / "output dir_lora")
 
 
+def test_a_token_passed_on_reaches_finetune_py_and_is_never_printed(fake):
+    secret = "hf_not_to_be_printed"
+    extra = ["--token", secret, f"--hub_token={secret}", "--max_steps", "5"]
+    ran = fake.run("--", *extra)
+    assert ran.returncode == 0, ran.stderr
+    assert fake.argv("python")[-len(extra):] == extra
+    assert "  Passed on to finetune.py: --token '<hidden>' --hub_token='<hidden>' --max_steps 5\n" in ran.stdout
+    advised = fake.run("--gpu_ids", "1", "--", *extra, gpus="81920,30000")  # the LoRA command for the same run
+    assert advised.returncode == 1
+    assert " -- --token '<hidden>' --hub_token='<hidden>' --max_steps 5 \n" in advised.stdout
+    assert secret not in ran.stdout + ran.stderr + advised.stdout + advised.stderr
+
+
 def test_an_uninstalled_package_is_one_line_before_training(fake):
     result = fake.run(FAKE_IMPORT_EXIT="1")
     assert result.returncode == 2 and not fake.called()
