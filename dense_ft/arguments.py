@@ -24,6 +24,7 @@ from dense_ft.checkpoints import is_complete
 from dense_ft.distillation import DistillationArguments
 from dense_ft.errors import UserError, first_line
 from dense_ft.modeling import DTYPES
+from dense_ft.output_dir import check_output_path
 from dense_ft.sparse_lora import LLAMA_TARGET_MODULES
 
 
@@ -46,6 +47,8 @@ class ModelArguments:
         "help": "Quantize the 4-bit weights' scales as well (nested quantization): less memory."})
 
     def validate(self, lora_args: "LoraArguments") -> None:
+        if self.cache_dir:
+            check_output_path(self.cache_dir, "--cache_dir")
         if self.use_bnb_nested_quant and not self.load_in_4bit:
             raise UserError("--use_bnb_nested_quant goes with --load_in_4bit")
         if not self.load_in_4bit:

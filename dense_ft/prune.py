@@ -141,7 +141,7 @@ def place_model(model, args: argparse.Namespace, seqlen: int) -> bool:
 
 
 def run(args: argparse.Namespace) -> dict:
-    for path, flag in ((args.save, "--save"), (args.save_model, "--save_model")):
+    for path, flag in ((args.save, "--save"), (args.save_model, "--save_model"), (args.cache_dir, "--cache_dir")):
         if path:
             check_output_path(path, flag)  # before the work, not after it
     if args.save_model:

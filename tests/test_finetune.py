@@ -128,6 +128,7 @@ def test_sigint_saves_a_checkpoint_and_the_rerun_resumes(method, tmp_path, tiny_
      "--optim galore_adamw_layerwise steps each weight inside backward, before the masks can act on its gradient"),
     ({"--report_to": "bogus"}, "--report_to: bogus is not supported, only azure_ml,"),
     ({"--push_to_hub": "true"}, "--push_to_hub: cannot create the Hub repository out: "),  # offline
+    ({"--cache_dir": "{tmp}/empty.txt"}, "--cache_dir {tmp}/empty.txt is a file"),
     ({"--dataset_dir": "", "--train_file": "{tmp}/empty_valid/wiki.train.raw", "--eval_strategy": "steps",
       "--validation_split_percentage": "0"},
      "--eval_strategy steps needs validation text of 32 tokens or more (--validation_file, or the validation"),

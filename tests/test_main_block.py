@@ -30,6 +30,7 @@ from dense_ft.sparsity import PATTERN_KEY, check_sparsity
     (["--device", "cuda:99"], "argument --device: cuda:99: this"),  # no usable cuda device, or too few
     (["--model", "{copy}", "--save_model", "{copy}/"], "is the --model directory, which the run would overwrite"),
     (["--model", "{adapter}"], "is a PEFT adapter directory, not a model: merge it into the pruned model"),
+    (["--cache_dir", "{copy}/config.json"], "model/config.json is a file"),
 ])
 def test_bad_input_is_one_line_and_non_zero(extra, message, tmp_path, tiny_pruned_dir, small_corpus_dir):
     (tmp_path / "empty").mkdir()
