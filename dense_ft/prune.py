@@ -62,8 +62,8 @@ def available_device(value: str) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="Hub id or local directory of the model")
-    parser.add_argument("--cache_dir", help="where the model and data sets fetched from the Hub are stored "
-                                            "(default: the Hugging Face cache)")
+    parser.add_argument("--cache_dir", help="where the model and corpora fetched from the Hub are stored (default, "
+                                            "and for lm-eval's task data: the Hugging Face cache)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
     parser.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     parser.add_argument("--sparsity_ratio", type=float, default=0.0, help="fraction of blocks to prune, in [0, 1)")
