@@ -96,6 +96,15 @@ def tiny_pruned_dir(tmp_path_factory, tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_dense_dir(tmp_path_factory, tokenizer) -> Path:
+    """The dense original of ``tiny_pruned_dir`` (same seed, nothing zeroed)."""
+    path = tmp_path_factory.mktemp("tiny_dense")
+    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def small_corpus_dir(tmp_path_factory, embedded_corpus_dir) -> Path:
     """A WikiText-layout directory small enough for a few training steps on the CPU."""
     path = tmp_path_factory.mktemp("small_corpus")

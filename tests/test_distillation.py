@@ -29,15 +29,6 @@ from dense_ft.sparse_lora import LLAMA_TARGET_MODULES, add_sparse_lora, lora_con
 from dense_ft.sparsity import is_4bit, prunable_linears
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory, tokenizer):
-    """The dense original of ``tiny_pruned_dir`` (same seed, nothing zeroed)."""
-    path = tmp_path_factory.mktemp("teacher")
-    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def test_chunked_kl_is_the_kl_and_its_gradient():
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 50, bias=False)
@@ -63,16 +54,16 @@ def token_blocks(vocab_size: int, count: int = 8, length: int = 32) -> Dataset:
 @pytest.mark.parametrize("loss, method", [("kl", "full"), ("kl+ce", "full"), ("squarehead", "full"),
                                           ("squarehead", "full, torch.compile"), ("kl", "lora"), ("kl+ce", "lora"),
                                           ("kl+ce", "qlora")])
-def test_the_teacher_never_trains_and_the_sparsity_holds(loss, method, tmp_path, tiny_pruned_dir, teacher_dir):
+def test_the_teacher_never_trains_and_the_sparsity_holds(loss, method, tmp_path, tiny_pruned_dir, tiny_dense_dir):
     pruned = AutoModelForCausalLM.from_pretrained(tiny_pruned_dir)
     student = load_in_4bit(tiny_pruned_dir) if method == "qlora" else pruned
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).requires_grad_(False).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_dense_dir).requires_grad_(False).eval()
     teacher_before = {name: p.detach().clone() for name, p in teacher.state_dict().items()}
     args = TrainingArguments(tmp_path / "out", max_steps=2, save_steps=2, per_device_train_batch_size=2,
                              gradient_accumulation_steps=2, learning_rate=1e-3, report_to="none", logging_steps=1,
                              torch_compile=method.endswith("torch.compile"))
     kwargs = dict(args=args, train_dataset=token_blocks(student.config.vocab_size), teacher=teacher,
-                  distillation=DistillationArguments(teacher_model=str(teacher_dir), distill_loss=loss,
+                  distillation=DistillationArguments(teacher_model=str(tiny_dense_dir), distill_loss=loss,
                                                      distill_chunk_tokens=8))
     reference = SparsityMasks(pruned)
     before = {name: linear.weight.detach().clone() for name, linear in prunable_linears(pruned).items()}
@@ -104,7 +95,7 @@ def test_the_teacher_never_trains_and_the_sparsity_holds(loss, method, tmp_path,
     assert any(not torch.equal(linear.weight, before[name]) for name, linear in prunable_linears(model).items())
 
 
-def test_label_smoothing_smooths_the_cross_entropy_term(tmp_path, tiny_pruned_dir, teacher_dir):
+def test_label_smoothing_smooths_the_cross_entropy_term(tmp_path, tiny_pruned_dir, tiny_dense_dir):
     def first_log(smoothing):
         args = TrainingArguments(tmp_path / str(smoothing), max_steps=1, per_device_train_batch_size=2,
                                  learning_rate=1e-3, report_to="none", logging_steps=1, save_strategy="no",
@@ -112,8 +103,8 @@ def test_label_smoothing_smooths_the_cross_entropy_term(tmp_path, tiny_pruned_di
         student = AutoModelForCausalLM.from_pretrained(tiny_pruned_dir)
         trainer = DistillingSparseTrainer(
             model=student, args=args, train_dataset=token_blocks(student.config.vocab_size),
-            teacher=AutoModelForCausalLM.from_pretrained(teacher_dir).requires_grad_(False).eval(),
-            distillation=DistillationArguments(teacher_model=str(teacher_dir), distill_loss="kl+ce"))
+            teacher=AutoModelForCausalLM.from_pretrained(tiny_dense_dir).requires_grad_(False).eval(),
+            distillation=DistillationArguments(teacher_model=str(tiny_dense_dir), distill_loss="kl+ce"))
         trainer.train()
         assert trainer.masks.violations() == {}
         return trainer.state.log_history[0]
@@ -157,11 +148,11 @@ TEACHER_IN_4BIT = '{"quantization_config": {"load_in_4bit": true, "bnb_4bit_quan
 
 
 def test_the_teacher_loads_in_4bit_from_its_init_kwargs_frozen_and_near_the_dense_one(tmp_path, tokenizer,
-                                                                                      teacher_dir):
+                                                                                      tiny_dense_dir):
     student = tiny_llama(vocab_size=len(tokenizer))
     args = TrainingArguments(tmp_path, report_to="none")
-    dense = load_teacher(DistillationArguments(teacher_model=str(teacher_dir)), student, tokenizer, args)
-    quantized = load_teacher(DistillationArguments(teacher_model=str(teacher_dir),
+    dense = load_teacher(DistillationArguments(teacher_model=str(tiny_dense_dir)), student, tokenizer, args)
+    quantized = load_teacher(DistillationArguments(teacher_model=str(tiny_dense_dir),
                                                    teacher_model_init_kwargs=TEACHER_IN_4BIT), student, tokenizer, args)
     assert not any(map(is_4bit, dense.parameters())) and all(
         is_4bit(linear.weight) for linear in prunable_linears(quantized).values())
@@ -186,10 +177,10 @@ def test_teacher_init_kwargs_that_would_place_it_or_are_no_json_object_are_refus
         DistillationArguments(teacher_model_init_kwargs=kwargs).validate(str(tiny_pruned_dir))
 
 
-def test_sparse_qlora_distills_from_a_teacher_in_4bit_and_resumes_only_with_it(tmp_path, tiny_pruned_dir, teacher_dir,
-                                                                                small_corpus_dir):
+def test_sparse_qlora_distills_from_a_teacher_in_4bit_and_resumes_only_with_it(tmp_path, tiny_pruned_dir,
+                                                                                tiny_dense_dir, small_corpus_dir):
     output = tmp_path / "out"
-    flags = ["--lora", "--load_in_4bit", "--teacher_model", teacher_dir, "--save_steps", 1]
+    flags = ["--lora", "--load_in_4bit", "--teacher_model", tiny_dense_dir, "--save_steps", 1]
     status, out, err = finetune(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 1, *flags,
                                 "--teacher_model_init_kwargs", TEACHER_IN_4BIT)
     assert status == 0, err[-2000:]
@@ -203,12 +194,12 @@ def test_sparse_qlora_distills_from_a_teacher_in_4bit_and_resumes_only_with_it(t
     assert status == 0 and f"Resuming from checkpoint {output}/checkpoint-1" in out, err[-2000:]
 
 
-def test_finetune_with_a_teacher_logs_each_term(tmp_path, tiny_pruned_dir, teacher_dir, small_corpus_dir):
+def test_finetune_with_a_teacher_logs_each_term(tmp_path, tiny_pruned_dir, tiny_dense_dir, small_corpus_dir):
     output = tmp_path / "out"  # no --distill_loss: the default, kl+ce
     status, out, err = finetune(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 2,
-                                "--teacher_model", teacher_dir)
+                                "--teacher_model", tiny_dense_dir)
     assert status == 0, err[-2000:]
-    assert f"Distilling from {teacher_dir}: loss kl+ce, temperature 1, weight 1" in out
+    assert f"Distilling from {tiny_dense_dir}: loss kl+ce, temperature 1, weight 1" in out
     assert "Step 2: loss=" in out and ", kl=" in out and "(ce=" in out
     assert "Sparsity maintained: yes" in out and "| teacher |" in (output / "README.md").read_text()
     history = json.loads((output / "trainer_state.json").read_text())["log_history"]
@@ -216,9 +207,9 @@ def test_finetune_with_a_teacher_logs_each_term(tmp_path, tiny_pruned_dir, teach
     assert step["loss"] == pytest.approx(step["ce_loss"] + step["kl_loss"], rel=1e-3)
 
     deeper = tmp_path / "deeper teacher"
-    tiny_llama(vocab_size=len(AutoTokenizer.from_pretrained(teacher_dir)), layers=3).save_pretrained(deeper)
+    tiny_llama(vocab_size=len(AutoTokenizer.from_pretrained(tiny_dense_dir)), layers=3).save_pretrained(deeper)
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(teacher_dir / name, deeper)
+        shutil.copy(tiny_dense_dir / name, deeper)
     status, _, err = finetune(tiny_pruned_dir, small_corpus_dir, tmp_path / "refused", "--max_steps", 2,
                               "--teacher_model", deeper, "--distill_loss", "squarehead")
     assert status == 2 and err.strip().splitlines()[-1].startswith("error: squarehead compares hidden states")

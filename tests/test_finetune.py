@@ -540,17 +540,14 @@ def test_data_without_a_validation_split_holds_out_its_first_rows_as_run_clm_doe
 @pytest.mark.parametrize("method", [["--teacher_model", "acme/tiny", "--distill_loss", "kl",
                                      "--teacher_model_init_kwargs", '{"revision": "dense"}'],
                                     ["--lora", "--load_in_4bit"]], ids=["full, distilled", "qlora"])
-def test_models_from_the_hub_come_from_cache_dir_at_model_revision_and_train_sparse(method, tmp_path, tokenizer,
+def test_models_from_the_hub_come_from_cache_dir_at_model_revision_and_train_sparse(method, tmp_path, tiny_dense_dir,
                                                                                     tiny_pruned_dir, small_corpus_dir):
     """The Hub here: its cache, read offline. ``acme/tiny-pruned`` has the pruned model at revision v2 and its dense
     original on main; the teacher ``acme/tiny`` is that dense original too, at its revision ``dense``. QLoRA loads
     the pruned model twice: in 4-bit to train, unquantized to merge."""
-    dense = tmp_path / "dense"
-    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(dense)
-    tokenizer.save_pretrained(dense)
     cache, output, token = tmp_path / "cache", tmp_path / "out", "hf_not_to_be_written_anywhere"
-    hub_cache(cache, "acme/tiny-pruned", {"main": dense, "v2": tiny_pruned_dir})
-    hub_cache(cache, "acme/tiny", {"dense": dense})
+    hub_cache(cache, "acme/tiny-pruned", {"main": tiny_dense_dir, "v2": tiny_pruned_dir})
+    hub_cache(cache, "acme/tiny", {"dense": tiny_dense_dir})
     args = finetune_args("acme/tiny-pruned", small_corpus_dir, output, "--max_steps", 2, "--cache_dir", cache,
                          "--model_revision", "v2", "--token", token, *method)[1:]
     result = run_main(finetune_main, *args)

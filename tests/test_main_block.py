@@ -3,7 +3,6 @@ import shutil
 
 import pytest
 from conftest import file_contents, hub_cache, run_main, run_python
-from tiny_models import tiny_llama
 from transformers import AutoModelForCausalLM
 
 from dense_ft.masks import SparsityMasks
@@ -49,12 +48,9 @@ def test_bad_input_is_one_line_and_non_zero(extra, message, tmp_path, tiny_prune
     assert file_contents(tmp_path / "model") == file_contents(tiny_pruned_dir)
 
 
-def test_a_model_from_the_hub_comes_from_cache_dir(tmp_path, tokenizer, small_corpus_dir):
+def test_a_model_from_the_hub_comes_from_cache_dir(tmp_path, tiny_dense_dir, small_corpus_dir):
     """The Hub here: its cache, read offline; the corpora's cache goes there too, as run_clm.py keeps it."""
-    dense = tmp_path / "dense"
-    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(dense)
-    tokenizer.save_pretrained(dense)
-    hub_cache(tmp_path / "cache", "acme/tiny", {"main": dense})
+    hub_cache(tmp_path / "cache", "acme/tiny", {"main": tiny_dense_dir})
     result = run_main(prune_main, "--model", "acme/tiny", "--cache_dir", tmp_path / "cache", "--calib_dataset",
                       small_corpus_dir, "--eval_dataset", small_corpus_dir, "--seqlen", 64, "--nsamples", 4,
                       "--sparsity_ratio", 0.2, "--save_model", tmp_path / "pruned")
