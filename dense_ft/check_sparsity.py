@@ -33,9 +33,9 @@ _INDEX = "model.safetensors.index.json"
 class SafetensorsModel:
     """A model directory's config and tensors, each tensor read from its file only when asked for."""
 
-    def __init__(self, source: str):
+    def __init__(self, source: str, cache_dir: str | None = None):
         check_model_source(source)
-        self.path = source if os.path.isdir(source) else _download(source)
+        self.path = source if os.path.isdir(source) else _download(source, cache_dir)
         with open(os.path.join(self.path, "config.json")) as f:
             self.config = json.load(f)
         if self.config.get(PATTERN_KEY) is not None:
@@ -79,11 +79,11 @@ def _read(file: str, what):
         raise UserError(f"cannot read {file}: {first_line(error)}") from error
 
 
-def _download(repo_id: str) -> str:
+def _download(repo_id: str, cache_dir: str | None) -> str:
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"])
+        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"], cache_dir=cache_dir)
     except Exception as error:  # the Hub's errors are many; all mean the same here
         raise UserError(f"cannot load model {repo_id!r}: {first_line(error)}") from error
 
@@ -93,9 +93,9 @@ def _layer(weight_name: str) -> str:
 
 
 def report(args) -> dict:
-    model = SafetensorsModel(args.model_dir)
+    model = SafetensorsModel(args.model_dir, args.cache_dir)
     names = model.prunable_weights()
-    reference = SafetensorsModel(args.reference) if args.reference else None
+    reference = SafetensorsModel(args.reference, args.cache_dir) if args.reference else None
     if reference is not None and reference.prunable_weights() != names:
         raise UserError(f"{args.model_dir} and the reference {args.reference} do not have the same prunable layers")
     zeros, sizes, block_violations, scattered_violations, lost = {}, {}, {}, {}, {}
@@ -162,6 +162,8 @@ def main(argv=None) -> None:
     parser.add_argument("--reference", help="the pruned model MODEL_DIR was fine-tuned from")
     parser.add_argument("--per_layer", action="store_true", help="sparsity of every prunable weight")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--cache_dir", help="where models fetched from the Hub are stored (default: the Hugging Face "
+                                            "cache)")
     args = parser.parse_args(argv)
     with exit_on_user_error():
         check_installed_versions()

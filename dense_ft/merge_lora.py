@@ -69,15 +69,16 @@ def check_paths(pruned_model: str, adapter: str, output_dir: str) -> None:
     check_not_an_input(output_dir, "output_dir", {"pruned_model": pruned_model, "adapter": adapter})
 
 
-def merge(pruned_model: str, adapter: str, output_dir: str, torch_dtype: str = "float32", **source_kwargs) -> dict:
-    """Merge ``adapter`` into ``pruned_model`` (unquantized, in ``torch_dtype``; ``source_kwargs`` go to its
-    ``from_pretrained``) and save it; the report."""
+def merge(pruned_model: str, adapter: str, output_dir: str, torch_dtype: str = "float32", revision: str | None = None,
+          **hub_kwargs) -> dict:
+    """Merge ``adapter`` into ``pruned_model`` (unquantized, in ``torch_dtype``, at ``revision`` on the Hub) and save
+    it; the report. ``hub_kwargs`` (``cache_dir``, ``token``) go to the loading of both."""
     check_paths(pruned_model, adapter, output_dir)
-    model, tokenizer = load_model(pruned_model, torch_dtype, **source_kwargs)
+    model, tokenizer = load_model(pruned_model, torch_dtype, revision=revision, **hub_kwargs)
     masks = SparsityMasks(model)
     if not masks:
         raise UserError(f"{pruned_model} has no pruned weights: there is nothing for the mask to keep")
-    peft_model = load_lora_as_saved(model, adapter, masks)  # the copies as trained, for the report
+    peft_model = load_lora_as_saved(model, adapter, masks, **hub_kwargs)  # the copies as trained, for the report
     report = {"pruned_model": pruned_model, "adapter": adapter, "output_dir": output_dir,
               **update_on_pruned_blocks(peft_model, masks)}
     mask_pruned_weight_copies(peft_model, masks)
@@ -103,11 +104,13 @@ def main(argv=None) -> None:
     parser.add_argument("adapter", help="PEFT LoRA adapter directory (adapter_config.json, adapter_model.*)")
     parser.add_argument("output_dir", help="where to save the merged model")
     parser.add_argument("--torch_dtype", choices=DTYPES, default="float32", help="dtype of the merge")
+    parser.add_argument("--cache_dir", help="where the model and adapter fetched from the Hub are stored (default: "
+                                            "the Hugging Face cache)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     with exit_on_user_error():
         check_installed_versions()
-        report = merge(args.pruned_model, args.adapter, args.output_dir, args.torch_dtype)
+        report = merge(args.pruned_model, args.adapter, args.output_dir, args.torch_dtype, cache_dir=args.cache_dir)
     exit_with_report(report, args.json, print_report)
 
 

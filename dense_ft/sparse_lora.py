@@ -270,33 +270,35 @@ def check_adapter_source(adapter: str) -> None:
         raise UserError(f"adapter directory not found: {adapter}")
 
 
-def load_lora_as_saved(model: nn.Module, adapter: str, masks: SparsityMasks, is_trainable: bool = False) -> PeftModel:
+def load_lora_as_saved(model: nn.Module, adapter: str, masks: SparsityMasks, is_trainable: bool = False,
+                       **hub_kwargs) -> PeftModel:
     """``PeftModel.from_pretrained`` with every LoRA update masked by ``masks`` (the pruned ``model``'s);
-    ``modules_to_save`` copies as saved."""
+    ``modules_to_save`` copies as saved. ``hub_kwargs`` (``cache_dir``, ``token``) say where a Hub adapter's files
+    are stored."""
     check_adapter_source(adapter)
     try:
-        config = LoraConfig.from_pretrained(adapter)
+        config = LoraConfig.from_pretrained(adapter, **hub_kwargs)
     except Exception as error:  # a missing Hub id, a malformed config: one line either way
         raise UserError(f"cannot load adapter {adapter!r}: {first_line(error)}") from error
     if not isinstance(config, LoraConfig) or config.peft_type != "LORA":
         raise UserError(f"{adapter} is a {config.peft_type} adapter, not LoRA")
     try:
         peft_model = PeftModel.from_pretrained(model, adapter, config=sparse_lora_config(config),
-                                               is_trainable=is_trainable)
+                                               is_trainable=is_trainable, **hub_kwargs)
     except RuntimeError as error:  # torch's load_state_dict
         mismatch = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), None)
         if mismatch is None:
             raise
         raise another_models_adapter(adapter, config, mismatch) from error
-    check_every_weight_loaded(peft_model, adapter, config)
+    check_every_weight_loaded(peft_model, adapter, config, **hub_kwargs)
     return attach_masks(peft_model, masks)
 
 
-def check_every_weight_loaded(peft_model: PeftModel, adapter: str, config: LoraConfig) -> None:
+def check_every_weight_loaded(peft_model: PeftModel, adapter: str, config: LoraConfig, **hub_kwargs) -> None:
     """PEFT adds adapters where the model has the modules and drops, unsaid, the weights of modules it lacks:
     an adapter of another model would merge in part."""
     loaded = get_peft_model_state_dict(peft_model).keys()
-    unloaded = sorted(key for key in load_peft_weights(adapter) if ".lora_" in key and key not in loaded)
+    unloaded = sorted(key for key in load_peft_weights(adapter, **hub_kwargs) if ".lora_" in key and key not in loaded)
     if unloaded:
         module = unloaded[0].removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
         raise another_models_adapter(adapter, config, f"{len(unloaded)} of its weights are for modules this model "

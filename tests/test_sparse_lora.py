@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 import transformers
-from conftest import file_contents, run_python
+from conftest import file_contents, hub_cache, run_main, run_python
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from test_masks import scatter_zeros
 from test_sparse_trainer import token_dataset, training_args
@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer
 
 from dense_ft import merge_lora, sparse_lora
+from dense_ft.check_sparsity import main as check_sparsity_main
 from dense_ft.errors import UserError
 from dense_ft.masks import BlockMask, ElementMask, SparsityMasks
 from dense_ft.sparse_lora import LLAMA_TARGET_MODULES, MaskedLoraLinear, add_sparse_lora, load_sparse_lora, lora_config
@@ -339,6 +340,21 @@ def test_merging_a_modules_to_save_copy_of_a_pruned_weight_resets_its_pruned_blo
     trained_copy = plain.base_model.model.model.layers[0].self_attn.q_proj.modules_to_save["default"].weight
     q_proj, kept = merged.model.layers[0].self_attn.q_proj.weight, ~pruned["model.layers.0.self_attn.q_proj"]
     assert q_proj[~kept].eq(0).all() and torch.equal(q_proj[kept], trained_copy[kept])
+
+
+def test_merge_lora_and_check_sparsity_fetch_from_the_hub_into_cache_dir(tmp_path, tiny_pruned_dir):
+    """The Hub here: its cache, read offline, with the pruned model and an adapter trained on it."""
+    adapter_with_a_trained_copy(tiny_pruned_dir, tmp_path / "adapter")
+    cache = tmp_path / "cache"
+    hub_cache(cache, "acme/tiny-pruned", {"main": tiny_pruned_dir})
+    hub_cache(cache, "acme/tiny-lora", {"main": tmp_path / "adapter"})
+    merged = run_main(merge_lora.main, "acme/tiny-pruned", "acme/tiny-lora", tmp_path / "merged", "--cache_dir", cache,
+                      "--json")
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    assert json.loads(merged.stdout)["pruned_weights_a_plain_merge_would_change"] > 0
+    checked = run_main(check_sparsity_main, tmp_path / "merged", "--reference", "acme/tiny-pruned",
+                       "--cache_dir", cache, "--json")
+    assert checked.returncode == 0 and json.loads(checked.stdout)["violations"] == 0, checked.stderr[-3000:]
 
 
 def test_a_modules_to_save_copy_of_a_pruned_weight_loads_masked_and_merges_sparse(tmp_path, tiny_pruned_dir):
