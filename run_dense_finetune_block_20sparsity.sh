@@ -292,18 +292,18 @@ check_pruned_model() {
     fi
 }
 
-# The arguments quoted for a shell, each token's value (--token, --hub_token) shown as '<hidden>':
-# what is printed goes to terminals and logs.
+# The arguments quoted for a shell, each token's value (--token, --hub_token or --hub-token) shown
+# as '<hidden>': what is printed goes to terminals and logs.
 quoted_hiding_tokens() {
     local arg hide=0
     for arg in "$@"; do
         if (( hide )); then
             printf "'<hidden>' "
             hide=0
-        elif [[ $arg =~ ^--(hub_)?token= ]]; then
+        elif [[ $arg =~ ^--(hub[_-])?token= ]]; then
             printf "%s='<hidden>' " "${arg%%=*}"
         else
-            [[ ! $arg =~ ^--(hub_)?token$ ]] || hide=1
+            [[ ! $arg =~ ^--(hub[_-])?token$ ]] || hide=1
             printf '%q ' "$arg"
         fi
     done

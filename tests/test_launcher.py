@@ -377,14 +377,14 @@ def test_the_low_memory_advice_is_the_lora_command_for_the_same_run(fake, tmp_pa
 
 def test_a_token_passed_on_reaches_finetune_py_and_is_never_printed(fake):
     secret = "hf_not_to_be_printed"
-    extra = ["--token", secret, f"--hub_token={secret}", "--max_steps", "5"]
+    extra = ["--token", secret, f"--hub_token={secret}", "--hub-token", secret, "--max_steps", "5"]
+    hidden = "--token '<hidden>' --hub_token='<hidden>' --hub-token '<hidden>' --max_steps 5"
     ran = fake.run("--", *extra)
     assert ran.returncode == 0, ran.stderr
     assert fake.argv("python")[-len(extra):] == extra
-    assert "  Passed on to finetune.py: --token '<hidden>' --hub_token='<hidden>' --max_steps 5\n" in ran.stdout
+    assert f"  Passed on to finetune.py: {hidden}\n" in ran.stdout
     advised = fake.run("--gpu_ids", "1", "--", *extra, gpus="81920,30000")  # the LoRA command for the same run
-    assert advised.returncode == 1
-    assert " -- --token '<hidden>' --hub_token='<hidden>' --max_steps 5 \n" in advised.stdout
+    assert advised.returncode == 1 and f" -- {hidden} \n" in advised.stdout
     assert secret not in ran.stdout + ran.stderr + advised.stdout + advised.stderr
 
 
