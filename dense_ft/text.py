@@ -6,8 +6,10 @@ Every source becomes a ``DatasetDict`` with a ``text`` column and the splits ``t
 CSV and JSON (lines) files, and Hub data sets, must have a ``text`` column, the only one kept.
 """
 
+import errno
 import os
 
+import datasets
 from datasets import DatasetDict, Value, load_dataset
 from datasets.exceptions import DatasetGenerationError
 
@@ -50,6 +52,10 @@ def load_text_files(files: dict[str, str], **load_kwargs) -> DatasetDict:
     except DatasetGenerationError as error:
         if isinstance(error.__cause__, UnicodeDecodeError):
             raise UserError(_not_utf8(files.values())) from error
+        if isinstance(error.__cause__, OSError) and error.__cause__.errno == errno.ENOSPC:
+            cache = load_kwargs.get("cache_dir") or datasets.config.HF_DATASETS_CACHE
+            raise UserError(f"no space left on the device for the data sets' cache in {cache}: free some space there, "
+                            "or give a --cache_dir on another disk") from error
         reason = first_line(error.__cause__ or error)
         raise UserError(f"cannot read {', '.join(files.values())} as {builder}: {reason}") from error
     if builder == "text":

@@ -297,10 +297,12 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, tiny_pr
         tiny_pruned_dir / "model.safetensors").stat().st_size
     model_bytes = (tiny_pruned_dir / "model.safetensors").stat().st_size
     cases = {"too_small": one_checkpoint // 2, "second_save": one_checkpoint * 3 // 2,
-             "final_save": one_checkpoint + one_checkpoint // 4, "qlora_merge": model_bytes // 2}
+             "final_save": one_checkpoint + one_checkpoint // 4, "qlora_merge": model_bytes // 2,
+             "data_cache": 64 * 2**10}
     args = {"too_small": ["--max_steps", 4, "--save_steps", 1], "second_save": ["--max_steps", 4, "--save_steps", 1],
             "final_save": ["--max_steps", 1, "--save_steps", 1],
-            "qlora_merge": ["--max_steps", 1, "--save_steps", 1, "--lora", "--load_in_4bit"]}  # adapters fit
+            "qlora_merge": ["--max_steps", 1, "--save_steps", 1, "--lora", "--load_in_4bit"],  # adapters fit
+            "data_cache": ["--max_steps", 1, "--cache_dir", tmp_path / "data_cache" / "cache"]}
     script = []
     for case, size in cases.items():
         mount = tmp_path / case
@@ -336,6 +338,11 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, tiny_pr
                              "same command again to resume from it and save the model")
         assert f"run/checkpoint-1/{MARKER}" in files
     assert "run/adapter/adapter_model.safetensors" in outcome("qlora_merge")[2]  # the merge is what did not fit
+
+    status, last, files = outcome("data_cache")  # --cache_dir on a full disk, before any work to lose
+    assert status == 2 and last == (f"error: no space left on the device for the data sets' cache in {tmp_path}/"
+                                    "data_cache/cache: free some space there, or give a --cache_dir on another disk")
+    assert not any(f.startswith("run/") for f in files)
 
 
 # 6. Running out of memory was a traceback.
