@@ -26,6 +26,7 @@ from dense_ft.errors import UserError, first_line
 from dense_ft.modeling import DTYPES
 from dense_ft.output_dir import check_output_path
 from dense_ft.sparse_lora import LLAMA_TARGET_MODULES
+from dense_ft.text import file_builder
 
 
 @dataclass
@@ -98,8 +99,21 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Cap on training sequences."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on evaluation sequences."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Tokenization processes."})
+    overwrite_cache: bool = field(default=False, metadata={
+        "help": "Tokenize and group again instead of reusing the data sets' cache."})
+    keep_linebreaks: bool = field(default=True, metadata={
+        "help": "Keep each line's line break in plain text files (False: the lines are joined without one)."})
+    streaming: bool = field(default=False, metadata={
+        "help": "Read the data as a stream, tokenized as it is read, in order, neither downloaded whole nor cached "
+                "(for corpora too large for the disk, e.g. C4); needs --max_steps. Without a validation split, "
+                "--validation_split_percentage rows of every 100 are held out."})
 
-    def validate(self) -> None:
+    def describe_source(self) -> str:
+        if self.dataset_name:
+            return f"data set {self.dataset_name!r}"
+        return self.dataset_dir or " and ".join(path for path in (self.train_file, self.validation_file) if path)
+
+    def validate(self, training_args: TrainingArguments) -> None:
         if self.block_size < 1:
             raise UserError(f"--block_size must be a positive number of tokens, got {self.block_size}")
         for flag, minimum in (("max_train_samples", 1), ("max_eval_samples", 1), ("preprocessing_num_workers", 0)):
@@ -114,6 +128,20 @@ class DataArguments:
         if not 0 <= self.validation_split_percentage < 100:
             raise UserError("--validation_split_percentage must be in [0, 100), got "
                             f"{self.validation_split_percentage}")
+        not_plain_text = self.dataset_name or self.train_file and file_builder(self.train_file) != "text"
+        if not self.keep_linebreaks and not_plain_text:
+            raise UserError("--keep_linebreaks applies to plain text files (--train_file, --dataset_dir), not to "
+                            f"{self.dataset_name or self.train_file}")
+        if self.streaming:
+            self._check_streaming(training_args)
+
+    def _check_streaming(self, training_args: TrainingArguments) -> None:
+        if training_args.max_steps <= 0:
+            raise UserError("--streaming needs --max_steps: a stream has no length to count epochs by")
+        for flag in ("preprocessing_num_workers", "overwrite_cache"):
+            if getattr(self, flag):
+                raise UserError(f"--{flag} does not apply to --streaming: a stream is tokenized as it is read, "
+                                "by the training process, and never cached")
 
 
 @dataclass

@@ -26,7 +26,7 @@ import sys
 from contextlib import nullcontext
 from itertools import chain
 
-from datasets import DatasetDict
+from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 from peft import get_peft_model
 from transformers import (
     ProgressCallback,
@@ -66,7 +66,14 @@ from dense_ft.output_dir import check_not_an_input, locked_output_dir
 from dense_ft.sparse_lora import lora_config, sparse_lora_config
 from dense_ft.sparse_trainer import SparseLoraTrainer, SparseTrainer, check_sparsity, check_steps_after_backward
 from dense_ft.sparsity import PATTERN_KEY, is_4bit
-from dense_ft.text import hold_out_validation, load_corpus, load_text_files, load_wikitext_dir
+from dense_ft.text import (
+    hold_out_validation,
+    load_corpus,
+    load_text_files,
+    load_wikitext_dir,
+    map_options,
+    stream_errors_as_user_error,
+)
 from dense_ft.versions import check_installed_versions, check_optimizer_steps_on
 
 INTERRUPTED_EXIT_CODE = 130
@@ -123,7 +130,7 @@ def effective_batch(args: TrainingArguments, per_device: int) -> str:
             f"{accumulation})")
 
 
-def load_raw_text(data_args: DataArguments, **load_kwargs) -> tuple[DatasetDict, bool]:
+def load_raw_text(data_args: DataArguments, **load_kwargs) -> tuple[DatasetDict | IterableDatasetDict, bool]:
     """The text by split (``load_kwargs`` go to ``load_dataset``), and whether its validation split was held out of
     its training rows (run_clm.py's way for a source without one)."""
     raw = load_source_text(data_args, **load_kwargs)
@@ -133,13 +140,15 @@ def load_raw_text(data_args: DataArguments, **load_kwargs) -> tuple[DatasetDict,
 
 
 def load_source_text(data_args: DataArguments, **load_kwargs):
+    load_kwargs["streaming"] = data_args.streaming
     if data_args.dataset_dir:
-        return load_wikitext_dir(data_args.dataset_dir, splits=("train", "validation"), **load_kwargs)
+        return load_wikitext_dir(data_args.dataset_dir, splits=("train", "validation"),
+                                 keep_linebreaks=data_args.keep_linebreaks, **load_kwargs)
     if data_args.train_file:
         files = {"train": data_args.train_file}
         if data_args.validation_file:
             files["validation"] = data_args.validation_file
-        return load_text_files(files, **load_kwargs)
+        return load_text_files(files, keep_linebreaks=data_args.keep_linebreaks, **load_kwargs)
     if data_args.dataset_name:
         return load_corpus(data_args.dataset_name, data_args.dataset_config_name, splits=("train",), **load_kwargs)
     raise UserError("no training data: give --dataset_name, --dataset_dir or --train_file")
@@ -155,25 +164,40 @@ def group_texts(examples: dict, block_size: int) -> dict:
 
 
 def prepare_datasets(raw, tokenizer, data_args: DataArguments, training_args):
+    """The training and validation sequences of ``block_size`` tokens: computed once and cached, or, from a stream,
+    as the Trainer reads them."""
+    cached = {"num_proc": data_args.preprocessing_num_workers, "load_from_cache_file": not data_args.overwrite_cache}
     with training_args.main_process_first(desc="tokenizing and grouping"):
         tokenized = raw.map(lambda batch: tokenizer(batch["text"]), batched=True, remove_columns=["text"],
-                            num_proc=data_args.preprocessing_num_workers, desc="Tokenizing")
+                            **map_options(raw, **cached, desc="Tokenizing"))
         grouped = tokenized.map(group_texts, batched=True, fn_kwargs={"block_size": data_args.block_size},
-                                num_proc=data_args.preprocessing_num_workers,
-                                desc=f"Grouping into blocks of {data_args.block_size}")
+                                **map_options(raw, **cached, desc=f"Grouping into blocks of {data_args.block_size}"))
     train = grouped["train"]
-    if len(train) == 0:
+    if is_empty(train):
         raise UserError(f"no training sequence of {data_args.block_size} tokens: the training text is too short")
     if data_args.max_train_samples is not None:
-        train = train.select(range(min(len(train), data_args.max_train_samples)))
+        train = first_rows(train, data_args.max_train_samples)
     evaluation = grouped.get("validation")
     if evaluation is not None and data_args.max_eval_samples is not None:
-        evaluation = evaluation.select(range(min(len(evaluation), data_args.max_eval_samples)))
-    if not evaluation and training_args.eval_strategy != "no":
+        evaluation = first_rows(evaluation, data_args.max_eval_samples)
+    if evaluation is not None and is_empty(evaluation):
+        evaluation = None
+    if evaluation is None and training_args.eval_strategy != "no":
         raise UserError(f"--eval_strategy {training_args.eval_strategy.value} needs validation text of "
                         f"{data_args.block_size} tokens or more (--validation_file, or the validation split of "
                         "--dataset_dir or --dataset_name): give one, or --eval_strategy no")
-    return train, evaluation or None
+    return train, evaluation
+
+
+def is_empty(sequences: Dataset | IterableDataset) -> bool:
+    """Whether there is no sequence; a stream is read up to its first one."""
+    return len(sequences) == 0 if isinstance(sequences, Dataset) else next(iter(sequences), None) is None
+
+
+def first_rows(sequences: Dataset | IterableDataset, count: int) -> Dataset | IterableDataset:
+    if isinstance(sequences, IterableDataset):
+        return sequences.take(count)
+    return sequences.select(range(min(len(sequences), count)))
 
 
 def checkpoint_to_resume(training_args: SparseTrainingArguments) -> str | None:
@@ -226,6 +250,10 @@ def run_identity(model_args: ModelArguments, data_args: DataArguments, lora_args
         identity["validation_split_percentage"] = data_args.validation_split_percentage
     if model_args.load_in_4bit:  # likewise
         identity["base_weights"] = model_args.describe_4bit()
+    if data_args.streaming:  # likewise: a stream comes in its own order, unshuffled
+        identity["streaming"] = True
+    if not data_args.keep_linebreaks:  # likewise
+        identity["keep_linebreaks"] = False
     return identity
 
 
@@ -326,7 +354,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
         distill_args: DistillationArguments, training_args: SparseTrainingArguments) -> int:
     model_args.validate(lora_args)
     lora_args.validate(training_args)
-    data_args.validate()
+    data_args.validate(training_args)
     distill_args.validate(model_args.model_name_or_path)
     training_args.validate()
     training_args.apply_effective_batch_size()
@@ -335,6 +363,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
     if training_args.push_to_hub and training_args.process_index == 0:
         create_hub_repo(training_args)
     with (locked_output_dir(training_args.output_dir) if training_args.process_index == 0 else nullcontext(),
+          stream_errors_as_user_error(data_args.describe_source()) if data_args.streaming else nullcontext(),
           out_of_memory_as_user_error(lambda: memory_remedies(model_args, lora_args, distill_args, training_args))):
         return train_and_save(model_args, data_args, lora_args, distill_args, training_args)
 

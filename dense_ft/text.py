@@ -1,16 +1,20 @@
 """Text corpora for calibration, training and evaluation, from the Hub or local files.
 
 Every source becomes a ``DatasetDict`` with a ``text`` column and the splits ``train``,
-``validation`` and ``test`` (those the source has). Plain text files are read as the Hub's
+``validation`` and ``test`` (those the source has), or an ``IterableDatasetDict`` of the same when
+``load_dataset`` is asked to stream (``streaming=True``). Plain text files are read as the Hub's
 ``wikitext`` is: one row per line, with its line break, and blank lines as empty strings;
 CSV and JSON (lines) files, and Hub data sets, must have a ``text`` column, the only one kept.
 """
 
 import errno
 import os
+from contextlib import contextmanager
 
 import datasets
-from datasets import DatasetDict, Value, load_dataset
+import pandas
+import pyarrow
+from datasets import Dataset, DatasetDict, IterableDatasetDict, Value, load_dataset
 from datasets.exceptions import DatasetGenerationError
 
 from .errors import UserError, first_line
@@ -27,14 +31,20 @@ def _blank_lines_empty(row: dict) -> dict:
     return {"text": row["text"] if row["text"].strip() else ""}
 
 
+def map_options(corpus: DatasetDict | IterableDatasetDict, **options) -> dict:
+    """``map``'s ``options`` for a data set on disk (processes, cache, progress bar): a stream takes none of them."""
+    return options if isinstance(corpus, DatasetDict) else {}
+
+
 def file_builder(path: str) -> str:
     """The ``datasets`` builder that reads ``path``, by its extension as in run_clm.py (anything else is text)."""
     return TABLE_BUILDERS.get(os.path.splitext(path)[1].lower(), "text")
 
 
-def load_text_files(files: dict[str, str], **load_kwargs) -> DatasetDict:
-    """Text files by split: plain text (one row per line), or CSV or JSON (lines) with a ``text`` column;
-    ``load_kwargs`` go to ``load_dataset`` (``cache_dir``: where it keeps what it read)."""
+def load_text_files(files: dict[str, str], keep_linebreaks: bool = True, **load_kwargs) -> DatasetDict:
+    """Text files by split: plain text (one row per line, with its line break unless not ``keep_linebreaks``), or
+    CSV or JSON (lines) with a ``text`` column; ``load_kwargs`` go to ``load_dataset`` (``cache_dir``: where it
+    keeps what it read)."""
     missing = [path for path in files.values() if not os.path.isfile(path)]
     if missing:
         raise UserError(f"text file not found: {', '.join(missing)}")
@@ -46,7 +56,7 @@ def load_text_files(files: dict[str, str], **load_kwargs) -> DatasetDict:
         raise UserError(f"the data files are of different kinds ({', '.join(files.values())}): give all of them as "
                         "plain text, CSV or JSON")
     builder = builders.pop()
-    options = {"keep_linebreaks": True} if builder == "text" else {}
+    options = {"keep_linebreaks": keep_linebreaks} if builder == "text" else {}
     try:
         corpus = load_dataset(builder, data_files=files, **options, **load_kwargs)
     except DatasetGenerationError as error:
@@ -59,26 +69,54 @@ def load_text_files(files: dict[str, str], **load_kwargs) -> DatasetDict:
         reason = first_line(error.__cause__ or error)
         raise UserError(f"cannot read {', '.join(files.values())} as {builder}: {reason}") from error
     if builder == "text":
-        return corpus.map(_blank_lines_empty, desc="Reading text")
+        return corpus.map(_blank_lines_empty, **map_options(corpus, desc="Reading text"))
     return text_column(corpus, " and ".join(files.values()))
 
 
-def text_column(corpus: DatasetDict, source: str) -> DatasetDict:
+def text_column(corpus: DatasetDict | IterableDatasetDict, source: str) -> DatasetDict | IterableDatasetDict:
     """``corpus`` with its ``text`` column alone (a missing value read as empty text); refused without one."""
-    features = next(iter(corpus.values())).features
+    features = _features(next(iter(corpus.values())), source)
     if features.get("text") not in (Value("string"), Value("large_string")):
         found = f"a {features['text']} column 'text'" if "text" in features else f"columns {', '.join(features)}"
         raise UserError(f"{source} needs a column 'text' of strings to train on; it has {found}")
     extra = [name for name in features if name != "text"]
-    return corpus.remove_columns(extra).map(lambda row: {"text": row["text"] or ""}, desc="Reading text")
+    return corpus.remove_columns(extra).map(lambda row: {"text": row["text"] or ""},
+                                            **map_options(corpus, desc="Reading text"))
 
 
-def hold_out_validation(corpus: DatasetDict, percentage: int) -> DatasetDict:
-    """run_clm.py's validation split for a source without one: the first ``percentage`` % of the training rows."""
+def _features(split, source: str):
+    """A split's columns and their types; a stream that does not declare them shows them in its first row."""
+    if split.features is not None:
+        return split.features
+    first_row = next(iter(split), None)
+    if first_row is None:
+        raise UserError(f"{source} is empty")
+    return Dataset.from_list([first_row]).features
+
+
+def hold_out_validation(corpus: DatasetDict | IterableDatasetDict, percentage: int):
+    """run_clm.py's validation split for a source without one: the first ``percentage`` % of the training rows; of
+    a stream, whose length is unknown, the first ``percentage`` rows of every 100."""
     train = corpus["train"]
+    if isinstance(corpus, IterableDatasetDict):
+        return IterableDatasetDict({
+            **corpus, "train": train.filter(lambda _, index: index % 100 >= percentage, with_indices=True),
+            "validation": train.filter(lambda _, index: index % 100 < percentage, with_indices=True)})
     held_out = round(len(train) * percentage / 100)
     return DatasetDict({**corpus, "train": train.select(range(held_out, len(train))),
                         "validation": train.select(range(held_out))})
+
+
+@contextmanager
+def stream_errors_as_user_error(source: str):
+    """A stream reads its files only as training reads it, and fails there in its builder's own errors (which
+    ``load_dataset`` wraps when it reads them whole): those of a file it cannot read become one line."""
+    try:
+        yield
+    except UnicodeDecodeError as error:
+        raise UserError(f"{source}: not UTF-8 text ({error.reason}): convert it, e.g. with iconv -t utf-8") from error
+    except (pyarrow.ArrowException, pandas.errors.ParserError) as error:
+        raise UserError(f"cannot read {source}: {first_line(error)}") from error
 
 
 def _not_utf8(paths) -> str:

@@ -26,14 +26,16 @@ def run_torchrun(*args, timeout=600):
                           timeout=timeout, stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
 
 
-METHOD_FLAGS = {"full": [], "lora": ["--lora"], "qlora": ["--lora", "--load_in_4bit"]}
+METHOD_FLAGS = {"full": [], "lora": ["--lora"], "qlora": ["--lora", "--load_in_4bit"], "streamed": ["--streaming"]}
 
 
-@pytest.mark.parametrize("method", ["full", "lora", pytest.param("qlora", marks=pytest.mark.slow)])  # 40-50 s each
+@pytest.mark.parametrize("method", ["full", "lora", pytest.param("qlora", marks=pytest.mark.slow),  # 40-50 s each
+                                    "streamed"])
 def test_ddp_on_two_processes_equals_one_process_with_the_same_effective_batch(method, tmp_path, tiny_pruned_dir,
                                                                                 small_corpus_dir):
     # Sequential order: shuffling with 1 or 2 processes gives different (equally valid) orders. The
     # accumulation is derived from the effective batch: 2 steps of 4 sequences, or of 2 x 2 processes.
+    # A stream is read by the first process, which hands each process its share of every batch.
     common = ["--max_steps", 4, "--save_strategy", "no", "--use_cpu", "true", "--max_eval_samples", 2,
               "--train_sampling_strategy", "sequential", "--effective_batch_size", 8, *METHOD_FLAGS[method]]
     single = run_finetune(tiny_pruned_dir, small_corpus_dir, tmp_path / "single", *common,
@@ -42,7 +44,7 @@ def test_ddp_on_two_processes_equals_one_process_with_the_same_effective_batch(m
     ddp = run_torchrun(*finetune_args(tiny_pruned_dir, small_corpus_dir, tmp_path / "ddp", *common,
                                       "--per_device_train_batch_size", 2))
     assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
-    assert ddp.stdout.count(f"*** Starting sparse {'full' if method == 'full' else 'LoRA'} fine-tuning ***") == 1
+    assert ddp.stdout.count(f"*** Starting sparse {'LoRA' if 'lora' in method else 'full'} fine-tuning ***") == 1
     assert "Effective batch size: 8 (per-device 4 x 1 process(es) x accumulation 2)" in single.stdout
     assert "Effective batch size: 8 (per-device 2 x 2 process(es) x accumulation 2)" in ddp.stdout
 

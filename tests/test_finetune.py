@@ -20,6 +20,7 @@ import torch
 from conftest import REPO_ROOT, file_contents, hub_cache, run_main
 from huggingface_hub import HfApi, RepoUrl
 from huggingface_hub.utils import filter_repo_objects
+from safetensors.torch import load_file
 from tiny_models import tiny_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
@@ -50,8 +51,9 @@ def check_sparsity_cli(*args):
     return run_main(check_sparsity_main, *args)
 
 
-@pytest.mark.parametrize("method", [[], ["--lora"], ["--lora", "--load_in_4bit"], ["--save_only_model", "true"]],
-                         ids=["full", "lora", "qlora", "model-only checkpoints"])
+@pytest.mark.parametrize("method", [[], ["--lora"], ["--lora", "--load_in_4bit"], ["--save_only_model", "true"],
+                                    ["--streaming"]],
+                         ids=["full", "lora", "qlora", "model-only checkpoints", "streaming"])
 def test_sigint_saves_a_checkpoint_and_the_rerun_resumes(method, tmp_path, tiny_pruned_dir, small_corpus_dir):
     output = tmp_path / "run"
     args = finetune_args(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 400, "--save_steps", 1000, *method)
@@ -129,6 +131,17 @@ def test_sigint_saves_a_checkpoint_and_the_rerun_resumes(method, tmp_path, tiny_
     ({"--report_to": "bogus"}, "--report_to: bogus is not supported, only azure_ml,"),
     ({"--push_to_hub": "true"}, "--push_to_hub: cannot create the Hub repository out: "),  # offline
     ({"--cache_dir": "{tmp}/empty.txt"}, "--cache_dir {tmp}/empty.txt is a file"),
+    ({"--streaming": "true", "--max_steps": "-1"}, "--streaming needs --max_steps: a stream has no length"),
+    ({"--streaming": "true", "--overwrite_cache": "true"}, "--overwrite_cache does not apply to --streaming"),
+    ({"--dataset_dir": "{tmp}/tiny_corpus", "--streaming": "true"}, "no training sequence of 32 tokens"),
+    ({"--dataset_dir": "", "--train_file": "{tmp}/latin1.txt", "--streaming": "true"},
+     "{tmp}/latin1.txt: not UTF-8 text (invalid continuation byte): convert it"),
+    ({"--dataset_dir": "", "--train_file": "{tmp}/broken.jsonl", "--streaming": "true"},
+     "cannot read {tmp}/broken.jsonl: JSON parse error"),
+    ({"--dataset_dir": "", "--train_file": "{tmp}/no_text.jsonl", "--streaming": "true"},
+     "needs a column 'text' of strings to train on"),
+    ({"--dataset_dir": "", "--train_file": "{tmp}/no_text.jsonl", "--keep_linebreaks": "false"},
+     "--keep_linebreaks applies to plain text files (--train_file, --dataset_dir), not to {tmp}/no_text.jsonl"),
     ({"--dataset_dir": "", "--train_file": "{tmp}/empty_valid/wiki.train.raw", "--eval_strategy": "steps",
       "--validation_split_percentage": "0"},
      "--eval_strategy steps needs validation text of 32 tokens or more (--validation_file, or the validation"),
@@ -155,6 +168,7 @@ def test_bad_input_fails_in_one_line_and_keeps_the_output_dir(change, message, t
     (tmp_path / "empty_valid" / "wiki.valid.raw").write_text("")
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "no_text.jsonl").write_text('{"content": "Words."}\n')
+    (tmp_path / "broken.jsonl").write_text('{"text": "Words."}\n{"text": broken\n')
     (tmp_path / "latin1.txt").write_bytes("Text, caf\xe9 au lait".encode("latin-1"))
     shutil.copytree(tiny_pruned_dir, tmp_path / "truncated_model")
     shutil.copytree(tiny_pruned_dir, tmp_path / "model")
@@ -514,9 +528,11 @@ def test_check_sparsity_streams_sharded_checkpoints(tmp_path, tiny_pruned_dir):
     assert broken.stderr.strip().splitlines()[-1].startswith(f"error: cannot read {truncated / 'model.safetensors'}")
 
 
-def test_data_without_a_validation_split_holds_out_its_first_rows_as_run_clm_does(tmp_path, tiny_pruned_dir,
-                                                                                   small_corpus_dir, monkeypatch):
-    """A Hub data set with a train split alone (the Hub here: a JSON lines file with the columns such sets have)."""
+@pytest.mark.parametrize("streaming", [False, True], ids=["read whole", "streamed"])
+def test_data_without_a_validation_split_holds_out_rows_as_run_clm_does(streaming, tmp_path, tiny_pruned_dir,
+                                                                        small_corpus_dir, monkeypatch):
+    """A Hub data set with a train split alone (the Hub here: a JSON lines file with the columns such sets have).
+    Read whole, its first 5% rows are held out; streamed, the first 5 rows of every 100."""
     lines = (small_corpus_dir / "wiki.train.raw").read_text(encoding="utf-8").splitlines(keepends=True)
     rows = tmp_path / "stories.jsonl"
     rows.write_text("".join(json.dumps({"id": i, "text": line}) + "\n" for i, line in enumerate(lines)))
@@ -524,17 +540,62 @@ def test_data_without_a_validation_split_holds_out_its_first_rows_as_run_clm_doe
         "json", data_files={"train": str(rows)}, **options))
     output = tmp_path / "out"
     args = finetune_args(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 1, "--dataset_dir", "",
-                         "--dataset_name", "user/stories", "--max_eval_samples", 1000)[1:]
+                         "--dataset_name", "user/stories", "--max_eval_samples", 1000,
+                         *(["--streaming"] if streaming else []))[1:]
     with pytest.raises(SystemExit) as exited:
         finetune_main(list(map(str, args)))
     assert exited.value.code == 0
-    held_out = lines[:round(len(lines) * 5 / 100)]
+    if streaming:
+        held_out = [line for i, line in enumerate(lines) if i % 100 < 5]
+    else:
+        held_out = lines[:round(len(lines) * 5 / 100)]
     blocks = torch.tensor(group_texts(AutoTokenizer.from_pretrained(tiny_pruned_dir)(held_out), 32)["input_ids"])
     with torch.no_grad():
         expected = AutoModelForCausalLM.from_pretrained(output)(input_ids=blocks, labels=blocks).loss.item()
     assert json.loads((output / "eval_results.json").read_text())["eval_loss"] == pytest.approx(expected, rel=1e-5)
     marker = json.loads((output / "checkpoint-1" / "dense_ft_checkpoint.json").read_text())
     assert marker["run"]["validation_split_percentage"] == 5
+    assert marker["run"].get("streaming", False) == streaming
+
+
+def test_a_stream_trains_on_the_blocks_the_data_set_gives_in_order_and_keeps_the_pruned_blocks(
+        tmp_path, tiny_pruned_dir, small_corpus_dir):
+    common = ["--max_steps", 3, "--save_strategy", "no"]
+    in_order = run_finetune(tiny_pruned_dir, small_corpus_dir, tmp_path / "in_order", *common,
+                            "--train_sampling_strategy", "sequential")
+    streamed = run_finetune(tiny_pruned_dir, small_corpus_dir, tmp_path / "streamed", *common, "--streaming")
+    assert in_order.returncode == 0 and streamed.returncode == 0, streamed.stderr[-3000:]
+    assert "Sparsity maintained: yes" in streamed.stdout
+    for name in ("initial_eval_results.json", "eval_results.json"):
+        perplexities = [json.loads((tmp_path / run / name).read_text())["perplexity"]
+                        for run in ("in_order", "streamed")]
+        assert perplexities[0] == pytest.approx(perplexities[1], rel=1e-6), name
+    one, other = (load_file(tmp_path / run / "model.safetensors") for run in ("in_order", "streamed"))
+    pruned = load_file(tiny_pruned_dir / "model.safetensors")
+    assert any((one[name] - pruned[name]).abs().max() > 1e-4 for name in one)
+    for name in one:
+        assert torch.allclose(one[name], other[name], atol=1e-6), name
+    check = check_sparsity_cli(tmp_path / "streamed", "--reference", tiny_pruned_dir)
+    assert check.returncode == 0 and "non-zero: 0" in check.stdout
+
+
+def test_overwrite_cache_tokenizes_again_where_a_rerun_reuses_the_cache(tmp_path, tiny_pruned_dir, small_corpus_dir):
+    cache = tmp_path / "cache"
+
+    def blocks_cached_by(*flags):
+        output = tmp_path / "out"
+        result = run_finetune(tiny_pruned_dir, small_corpus_dir, output, "--max_steps", 1, "--save_strategy", "no",
+                              "--cache_dir", cache, "--overwrite_output_dir", "true", *flags)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return {path: path.stat().st_mtime_ns for path in cache.rglob("cache-*.arrow")}
+
+    first = blocks_cached_by()
+    assert first
+    assert blocks_cached_by() == first
+    rewritten = blocks_cached_by("--overwrite_cache", "true")
+    assert rewritten.keys() == first.keys()
+    # tokenized and grouped, training and validation text; the text as read stays cached, as in run_clm.py
+    assert sum(rewritten[path] > first[path] for path in first) == 4
 
 
 @pytest.mark.parametrize("method", [["--teacher_model", "acme/tiny", "--distill_loss", "kl",

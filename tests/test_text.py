@@ -4,6 +4,7 @@ import json
 import re
 
 import pytest
+from datasets import Dataset, IterableDatasetDict
 
 from dense_ft.errors import UserError
 from dense_ft.text import hold_out_validation, load_text_files
@@ -51,3 +52,18 @@ def test_the_held_out_validation_is_the_first_rows_as_in_run_clm(tmp_path):
     corpus = hold_out_validation(load_text_files({"train": str(tmp_path / "train.txt")}), 5)
     assert corpus["validation"]["text"] == ["line 0\n", "line 1\n"]
     assert corpus["train"]["text"] == [f"line {i}\n" for i in range(2, 40)]
+
+
+def test_a_stream_holds_out_the_first_rows_of_every_hundred_as_run_clm_does():
+    rows = Dataset.from_dict({"text": [f"line {i}" for i in range(250)]}).to_iterable_dataset()
+    corpus = hold_out_validation(IterableDatasetDict({"train": rows}), 3)
+    held_out = [i for i in range(250) if i % 100 < 3]
+    assert [row["text"] for row in corpus["validation"]] == [f"line {i}" for i in held_out]
+    assert [row["text"] for row in corpus["train"]] == [f"line {i}" for i in range(250) if i not in held_out]
+
+
+def test_lines_lose_their_line_breaks_only_when_asked(tmp_path):
+    (tmp_path / "train.txt").write_text("one\n\ntwo\n")
+    assert load_text_files({"train": str(tmp_path / "train.txt")})["train"]["text"] == ["one\n", "", "two\n"]
+    joined = load_text_files({"train": str(tmp_path / "train.txt")}, keep_linebreaks=False)
+    assert joined["train"]["text"] == ["one", "", "two"]
