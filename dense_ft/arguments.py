@@ -35,6 +35,9 @@ class ModelArguments:
     cache_dir: str | None = field(default=None, metadata={
         "help": "Where the models and data sets fetched from the Hub are stored, if not in the Hugging Face cache."})
     model_revision: str = field(default="main", metadata={"help": "The model's branch, tag or commit on the Hub."})
+    tokenizer_name: str | None = field(default=None, metadata={
+        "help": "The tokenizer, if not the pruned model's (a model saved without one): a local directory or a Hub "
+                "id, at its main revision. It is saved with the fine-tuned model."})
     token: str | None = field(default=None, metadata={
         "help": "Hub token for private and gated models and data sets, if not $HF_TOKEN or the one `hf auth login` "
                 "saved."})

@@ -254,6 +254,8 @@ def run_identity(model_args: ModelArguments, data_args: DataArguments, lora_args
         identity["streaming"] = True
     if not data_args.keep_linebreaks:  # likewise
         identity["keep_linebreaks"] = False
+    if model_args.tokenizer_name:  # likewise
+        identity["tokenizer"] = _source(model_args.tokenizer_name)
     return identity
 
 
@@ -389,6 +391,7 @@ def train_and_save(model_args: ModelArguments, data_args: DataArguments, lora_ar
     resume_from = checkpoint_to_resume(training_args)
     raw, held_out = load_raw_text(data_args, **model_args.hub_kwargs())
     model, tokenizer = load_model(model_args.model_name_or_path, model_args.torch_dtype,
+                                  tokenizer_name=model_args.tokenizer_name,
                                   **model_args.loading_kwargs(training_args.device))
     identity = run_identity(model_args, data_args, lora_args, distill_args, training_args, model, held_out)
     if training_args.resume_from_checkpoint:
@@ -528,7 +531,7 @@ def merge_into_unquantized(trainer: SparseLoraTrainer, model_args: ModelArgument
     if trainer.is_world_process_zero():
         output_dir = trainer.args.output_dir
         report = merge(model_args.model_name_or_path, os.path.join(output_dir, "adapter"), output_dir,
-                       model_args.torch_dtype, **model_args.source_kwargs())
+                       model_args.torch_dtype, tokenizer_name=model_args.tokenizer_name, **model_args.source_kwargs())
     trainer.accelerator.wait_for_everyone()
     return report
 

@@ -70,11 +70,13 @@ def check_paths(pruned_model: str, adapter: str, output_dir: str) -> None:
 
 
 def merge(pruned_model: str, adapter: str, output_dir: str, torch_dtype: str = "float32", revision: str | None = None,
-          **hub_kwargs) -> dict:
+          tokenizer_name: str | None = None, **hub_kwargs) -> dict:
     """Merge ``adapter`` into ``pruned_model`` (unquantized, in ``torch_dtype``, at ``revision`` on the Hub) and save
-    it; the report. ``hub_kwargs`` (``cache_dir``, ``token``) go to the loading of both."""
+    it with the pruned model's tokenizer, or ``tokenizer_name``'s; the report. ``hub_kwargs`` (``cache_dir``,
+    ``token``) go to the loading of all three."""
     check_paths(pruned_model, adapter, output_dir)
-    model, tokenizer = load_model(pruned_model, torch_dtype, revision=revision, **hub_kwargs)
+    model, tokenizer = load_model(pruned_model, torch_dtype, tokenizer_name=tokenizer_name, revision=revision,
+                                  **hub_kwargs)
     masks = SparsityMasks(model)
     if not masks:
         raise UserError(f"{pruned_model} has no pruned weights: there is nothing for the mask to keep")

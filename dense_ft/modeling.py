@@ -25,8 +25,12 @@ def check_model_source(name: str) -> None:
                             "trained on (python -m dense_ft.merge_lora) and give the merged model")
         if not os.path.isfile(os.path.join(name, "config.json")):
             raise UserError(f"{name} is not a model directory (no config.json)")
-    elif looks_like_local_path(name):
-        raise UserError(f"model directory not found: {name}")
+    check_local_source(name, "model")
+
+
+def check_local_source(name: str, kind: str) -> None:
+    if not os.path.isdir(name) and looks_like_local_path(name):
+        raise UserError(f"{kind} directory not found: {name}")
 
 
 def _from_pretrained(auto_class, name: str, **kwargs):
@@ -48,13 +52,35 @@ def load_weights(name: str, dtype: str = "float32", **kwargs):
     return _from_pretrained(AutoModelForCausalLM, name, dtype=DTYPES[dtype], **kwargs)
 
 
-def load_model(name: str, dtype: str = "float32", device: str | None = None, **kwargs):
-    """A causal LM and its tokenizer, both from where ``kwargs``' ``HUB_OPTIONS`` say."""
+def load_model(name: str, dtype: str = "float32", device: str | None = None, tokenizer_name: str | None = None,
+               **kwargs):
+    """A causal LM and its tokenizer, both from where ``kwargs``' ``HUB_OPTIONS`` say; the tokenizer from
+    ``tokenizer_name`` instead if given (at its own default revision)."""
     model = load_weights(name, dtype, **kwargs)
-    tokenizer = _from_pretrained(AutoTokenizer, name, **{key: kwargs[key] for key in HUB_OPTIONS if key in kwargs})
+    options = {key: kwargs[key] for key in HUB_OPTIONS if key in kwargs}
+    if tokenizer_name:
+        check_local_source(tokenizer_name, "tokenizer")
+        options.pop("revision", None)
+    tokenizer = load_tokenizer(tokenizer_name or name, **options)
+    check_vocabulary(model, tokenizer, tokenizer_name or name)
     if device:
         model.to(device)
     return model, tokenizer
+
+
+def load_tokenizer(name: str, **kwargs):
+    try:
+        return AutoTokenizer.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as error:  # ValueError: a directory without the files of any tokenizer
+        raise UserError(f"cannot load a tokenizer from {name!r}: {first_line(error).rstrip(' :')}") from error
+
+
+def check_vocabulary(model, tokenizer, source: str) -> None:
+    """A token id beyond the model's embeddings would fail in the middle of training, as an indexing error."""
+    embeddings = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > embeddings:
+        raise UserError(f"the tokenizer of {source} has {len(tokenizer)} tokens, more than the model's {embeddings} "
+                        "embeddings: give the tokenizer the model was trained with")
 
 
 def default_device() -> str:

@@ -2,6 +2,7 @@
 command's arguments, in this process unless the process itself is under test)."""
 
 import copy
+import functools
 import importlib.util
 import json
 import math
@@ -577,6 +578,61 @@ def test_a_stream_trains_on_the_blocks_the_data_set_gives_in_order_and_keeps_the
         assert torch.allclose(one[name], other[name], atol=1e-6), name
     check = check_sparsity_cli(tmp_path / "streamed", "--reference", tiny_pruned_dir)
     assert check.returncode == 0 and "non-zero: 0" in check.stdout
+
+
+def test_a_stream_that_turns_unreadable_mid_run_stops_in_one_line_and_keeps_its_checkpoints(
+        tmp_path, tiny_pruned_dir, monkeypatch, capsys):
+    """Tokenized 1,000 rows at a time (about 35 steps here), a stream reads the bad byte after its first 2,000 rows
+    only once it has trained on most of them."""
+    train = tmp_path / "train.txt"
+    train.write_bytes(b"".join(f"Line {i} of plain words .\n".encode() for i in range(2000)) + b"caf\xe9\n")
+    monkeypatch.setattr(text, "load_dataset", functools.partial(datasets.load_dataset, chunksize=4096))
+    output = tmp_path / "out"
+    args = finetune_args(tiny_pruned_dir, tmp_path, output, "--dataset_dir", "", "--train_file", train,
+                         "--validation_split_percentage", 0, "--per_device_train_batch_size", 8, "--max_steps", 100,
+                         "--save_steps", 20, "--streaming")[1:]
+    with pytest.raises(SystemExit) as exited:
+        finetune_main(list(map(str, args)))
+    stderr = capsys.readouterr().err
+    assert exited.value.code == 2 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (f"error: {train}: not UTF-8 text (invalid continuation byte): "
+                                               "convert it, e.g. with iconv -t utf-8")
+    assert (output / "checkpoint-20").is_dir()
+
+
+@pytest.mark.parametrize("method", [[], ["--lora", "--load_in_4bit"]], ids=["full", "qlora"])
+def test_a_model_saved_without_its_tokenizer_trains_with_tokenizer_name_and_saves_that_one(
+        method, tmp_path, tiny_pruned_dir, small_corpus_dir, tokenizer):
+    """As SparseGPT's script saves a pruned model: weights and config alone. QLoRA's merge loads the model again."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(tiny_pruned_dir / name, bare / name)
+    missing = run_finetune(bare, small_corpus_dir, tmp_path / "out", "--max_steps", 2, *method)
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith(
+        f"error: cannot load a tokenizer from '{bare}'")
+
+    named = run_finetune(bare, small_corpus_dir, tmp_path / "out", "--max_steps", 2, "--tokenizer_name",
+                         tiny_pruned_dir, *method)
+    assert named.returncode == 0, named.stderr[-3000:]
+    assert "Sparsity maintained: yes" in named.stdout
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").get_vocab() == tokenizer.get_vocab()
+    check = check_sparsity_cli(tmp_path / "out", "--reference", tiny_pruned_dir)
+    assert check.returncode == 0 and "non-zero: 0" in check.stdout
+    marker = json.loads(next((tmp_path / "out").glob("checkpoint-*/dense_ft_checkpoint.json")).read_text())
+    assert marker["run"]["tokenizer"] == str(tiny_pruned_dir.resolve())
+
+
+def test_a_tokenizer_with_more_tokens_than_the_models_embeddings_is_refused(tmp_path, tiny_pruned_dir,
+                                                                             small_corpus_dir, tokenizer):
+    larger = copy.deepcopy(tokenizer)
+    larger.add_tokens(["<extra_0>", "<extra_1>"])
+    larger.save_pretrained(tmp_path / "larger")
+    result = run_finetune(tiny_pruned_dir, small_corpus_dir, tmp_path / "out", "--max_steps", 1, "--tokenizer_name",
+                          tmp_path / "larger")
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
+        f"error: the tokenizer of {tmp_path / 'larger'} has {len(tokenizer) + 2} tokens, more than the model's "
+        f"{len(tokenizer)} embeddings: give the tokenizer the model was trained with")
 
 
 def test_overwrite_cache_tokenizes_again_where_a_rerun_reuses_the_cache(tmp_path, tiny_pruned_dir, small_corpus_dir):
