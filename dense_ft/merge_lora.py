@@ -108,11 +108,14 @@ def main(argv=None) -> None:
     parser.add_argument("--torch_dtype", choices=DTYPES, default="float32", help="dtype of the merge")
     parser.add_argument("--cache_dir", help="where the model and adapter fetched from the Hub are stored (default: "
                                             "the Hugging Face cache)")
+    parser.add_argument("--tokenizer_name", help="the tokenizer saved with the merge, if not the pruned model's (a "
+                                                 "model saved without one): directory or Hub id")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     with exit_on_user_error():
         check_installed_versions()
-        report = merge(args.pruned_model, args.adapter, args.output_dir, args.torch_dtype, cache_dir=args.cache_dir)
+        report = merge(args.pruned_model, args.adapter, args.output_dir, args.torch_dtype,
+                       tokenizer_name=args.tokenizer_name, cache_dir=args.cache_dir)
     exit_with_report(report, args.json, print_report)
 
 

@@ -15,7 +15,7 @@ from test_masks import scatter_zeros
 from test_sparse_trainer import token_dataset, training_args
 from tiny_models import tiny_llama, zero_random_blocks
 from torch.nn import functional as F
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, Trainer
 
 from dense_ft import merge_lora, sparse_lora
 from dense_ft.check_sparsity import main as check_sparsity_main
@@ -355,6 +355,22 @@ def test_merge_lora_and_check_sparsity_fetch_from_the_hub_into_cache_dir(tmp_pat
     checked = run_main(check_sparsity_main, tmp_path / "merged", "--reference", "acme/tiny-pruned",
                        "--cache_dir", cache, "--json")
     assert checked.returncode == 0 and json.loads(checked.stdout)["violations"] == 0, checked.stderr[-3000:]
+
+
+def test_merge_lora_saves_the_tokenizer_named_for_a_pruned_model_saved_without_one(tmp_path, tiny_pruned_dir,
+                                                                                    tokenizer):
+    adapter_with_a_trained_copy(tiny_pruned_dir, tmp_path / "adapter")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_pruned_dir / name, bare / name)
+    missing = run_main(merge_lora.main, bare, tmp_path / "adapter", tmp_path / "merged")
+    assert missing.returncode == 2 and "error: cannot load a tokenizer from" in missing.stderr
+    assert not (tmp_path / "merged").exists()
+    merged = run_main(merge_lora.main, bare, tmp_path / "adapter", tmp_path / "merged", "--tokenizer_name",
+                      tiny_pruned_dir, "--json")
+    assert merged.returncode == 0 and json.loads(merged.stdout)["violations"] == 0, merged.stderr[-3000:]
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged").get_vocab() == tokenizer.get_vocab()
 
 
 def test_a_modules_to_save_copy_of_a_pruned_weight_loads_masked_and_merges_sparse(tmp_path, tiny_pruned_dir):
