@@ -38,6 +38,9 @@ class ModelArguments:
     tokenizer_name: str | None = field(default=None, metadata={
         "help": "The tokenizer, if not the pruned model's (a model saved without one): a local directory or a Hub "
                 "id, at its main revision. It is saved with the fine-tuned model."})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "Run the code that the model (and its tokenizer and teacher) come with, for an architecture "
+                "transformers does not hold: read it first."})
     token: str | None = field(default=None, metadata={
         "help": "Hub token for private and gated models and data sets, if not $HF_TOKEN or the one `hf auth login` "
                 "saved."})
@@ -69,8 +72,9 @@ class ModelArguments:
         return {"cache_dir": self.cache_dir, "token": self.token}
 
     def source_kwargs(self) -> dict:
-        """``from_pretrained``'s arguments that say where the pruned model's files come from."""
-        return {**self.hub_kwargs(), "revision": self.model_revision}
+        """``from_pretrained``'s arguments that say where the pruned model's files come from, and whether their code
+        may run."""
+        return {**self.hub_kwargs(), "revision": self.model_revision, "trust_remote_code": self.trust_remote_code}
 
     def loading_kwargs(self, device) -> dict:
         """``from_pretrained``'s arguments for the pruned model as it trains: from its source, in 4-bit quantized on

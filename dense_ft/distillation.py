@@ -85,8 +85,8 @@ class DistillationArguments:
 
 def load_teacher(args: DistillationArguments, student, student_tokenizer, training_args, **hub_kwargs):
     """The teacher on this process's device, in the training precision, frozen; refuses one that does not match.
-    ``hub_kwargs`` (the student's ``cache_dir`` and ``token``) go to its ``from_pretrained``, unless
-    --teacher_model_init_kwargs sets them."""
+    ``hub_kwargs`` (the student's ``cache_dir``, ``token`` and ``trust_remote_code``) go to its ``from_pretrained``,
+    unless --teacher_model_init_kwargs sets them."""
     if training_args.fsdp:
         raise UserError("--teacher_model with --fsdp is not supported: every rank would hold the whole teacher "
                         "unsharded; train with DDP (one teacher per GPU) or without a teacher")

@@ -406,7 +406,8 @@ def train_and_save(model_args: ModelArguments, data_args: DataArguments, lora_ar
                         f"{model.config.max_position_embeddings} positions")
     train_dataset, eval_dataset = prepare_datasets(raw, tokenizer, data_args, training_args)
 
-    teacher = (load_teacher(distill_args, model, tokenizer, training_args, **model_args.hub_kwargs())
+    teacher = (load_teacher(distill_args, model, tokenizer, training_args, **model_args.hub_kwargs(),
+                            trust_remote_code=model_args.trust_remote_code)
                if distill_args.teacher_model else None)
 
     set_seed(training_args.seed)  # the adapters' initialization, as run_clm seeds the model's

@@ -70,13 +70,13 @@ def check_paths(pruned_model: str, adapter: str, output_dir: str) -> None:
 
 
 def merge(pruned_model: str, adapter: str, output_dir: str, torch_dtype: str = "float32", revision: str | None = None,
-          tokenizer_name: str | None = None, **hub_kwargs) -> dict:
-    """Merge ``adapter`` into ``pruned_model`` (unquantized, in ``torch_dtype``, at ``revision`` on the Hub) and save
-    it with the pruned model's tokenizer, or ``tokenizer_name``'s; the report. ``hub_kwargs`` (``cache_dir``,
-    ``token``) go to the loading of all three."""
+          tokenizer_name: str | None = None, trust_remote_code: bool = False, **hub_kwargs) -> dict:
+    """Merge ``adapter`` into ``pruned_model`` (unquantized, in ``torch_dtype``, at ``revision`` on the Hub, running
+    its code if ``trust_remote_code``) and save it with the pruned model's tokenizer, or ``tokenizer_name``'s; the
+    report. ``hub_kwargs`` (``cache_dir``, ``token``) go to the loading of all three."""
     check_paths(pruned_model, adapter, output_dir)
     model, tokenizer = load_model(pruned_model, torch_dtype, tokenizer_name=tokenizer_name, revision=revision,
-                                  **hub_kwargs)
+                                  trust_remote_code=trust_remote_code, **hub_kwargs)
     masks = SparsityMasks(model)
     if not masks:
         raise UserError(f"{pruned_model} has no pruned weights: there is nothing for the mask to keep")
@@ -110,12 +110,15 @@ def main(argv=None) -> None:
                                             "the Hugging Face cache)")
     parser.add_argument("--tokenizer_name", help="the tokenizer saved with the merge, if not the pruned model's (a "
                                                  "model saved without one): directory or Hub id")
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="run the code the pruned model comes with (read it first)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     with exit_on_user_error():
         check_installed_versions()
         report = merge(args.pruned_model, args.adapter, args.output_dir, args.torch_dtype,
-                       tokenizer_name=args.tokenizer_name, cache_dir=args.cache_dir)
+                       tokenizer_name=args.tokenizer_name, trust_remote_code=args.trust_remote_code,
+                       cache_dir=args.cache_dir)
     exit_with_report(report, args.json, print_report)
 
 

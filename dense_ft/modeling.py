@@ -9,8 +9,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from .errors import UserError, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# ``from_pretrained``'s arguments that say where a model's files come from: its tokenizer's come from there too.
-HUB_OPTIONS = ("cache_dir", "revision", "token")
+# ``from_pretrained``'s arguments that the tokenizer takes as its model does: where the files come from, and whether
+# the code among them may run.
+SHARED_WITH_TOKENIZER = ("cache_dir", "revision", "token", "trust_remote_code")
 
 
 def looks_like_local_path(name: str) -> bool:
@@ -41,6 +42,20 @@ def _from_pretrained(auto_class, name: str, **kwargs):
     except SafetensorError as error:
         raise UserError(f"cannot load model {name!r}: a weights file is truncated or corrupted "
                         f"({first_line(error)})") from error
+    except ValueError as error:
+        if not needs_remote_code(error):
+            raise
+        raise remote_code_refused(name) from error
+
+
+def needs_remote_code(error: ValueError) -> bool:
+    """transformers' refusal to run the code that a model or tokenizer comes with, unless trusted."""
+    return "trust_remote_code" in str(error)
+
+
+def remote_code_refused(name: str) -> UserError:
+    return UserError(f"{name} holds its own code, which runs only with --trust_remote_code: read it, then pass that "
+                     "flag")
 
 
 def load_weights(name: str, dtype: str = "float32", **kwargs):
@@ -54,10 +69,10 @@ def load_weights(name: str, dtype: str = "float32", **kwargs):
 
 def load_model(name: str, dtype: str = "float32", device: str | None = None, tokenizer_name: str | None = None,
                **kwargs):
-    """A causal LM and its tokenizer, both from where ``kwargs``' ``HUB_OPTIONS`` say; the tokenizer from
+    """A causal LM and its tokenizer, both as ``kwargs``' ``SHARED_WITH_TOKENIZER`` say; the tokenizer from
     ``tokenizer_name`` instead if given (at its own default revision)."""
     model = load_weights(name, dtype, **kwargs)
-    options = {key: kwargs[key] for key in HUB_OPTIONS if key in kwargs}
+    options = {key: kwargs[key] for key in SHARED_WITH_TOKENIZER if key in kwargs}
     if tokenizer_name:
         check_local_source(tokenizer_name, "tokenizer")
         options.pop("revision", None)
@@ -72,6 +87,8 @@ def load_tokenizer(name: str, **kwargs):
     try:
         return AutoTokenizer.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as error:  # ValueError: a directory without the files of any tokenizer
+        if isinstance(error, ValueError) and needs_remote_code(error):
+            raise remote_code_refused(name) from error
         raise UserError(f"cannot load a tokenizer from {name!r}: {first_line(error).rstrip(' :')}") from error
 
 

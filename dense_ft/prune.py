@@ -64,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="Hub id or local directory of the model")
     parser.add_argument("--cache_dir", help="where the model and corpora fetched from the Hub are stored (default, "
                                             "and for lm-eval's task data: the Hugging Face cache)")
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="run the code the model comes with, for an architecture transformers does not hold "
+                             "(read it first)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
     parser.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     parser.add_argument("--sparsity_ratio", type=float, default=0.0, help="fraction of blocks to prune, in [0, 1)")
@@ -150,7 +153,8 @@ def run(args: argparse.Namespace) -> dict:
     calib = (load_corpus(args.calib_dataset, splits=("train",), cache_dir=args.cache_dir)
              if args.sparsity_ratio > 0 else None)
     evaluation = load_corpus(args.eval_dataset, splits=("test",), cache_dir=args.cache_dir)
-    model, tokenizer = load_model(args.model, args.dtype, cache_dir=args.cache_dir)
+    model, tokenizer = load_model(args.model, args.dtype, cache_dir=args.cache_dir,
+                                  trust_remote_code=args.trust_remote_code)
     model.eval()
     seqlen = args.seqlen or model.config.max_position_embeddings
     if seqlen > model.config.max_position_embeddings:

@@ -2,6 +2,7 @@
 `make test`."""
 
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -61,6 +62,31 @@ def hub_cache(cache_dir: Path, repo_id: str, revisions: dict[str, Path]) -> None
         commit = f"{number:040x}"
         shutil.copytree(directory, repo / "snapshots" / commit)
         (repo / "refs" / revision).write_text(commit)
+
+
+# An architecture transformers does not hold, as custom models on the Hub come: a Llama under another name.
+REMOTE_MODELING_CODE = """from transformers import LlamaConfig, LlamaForCausalLM
+
+
+class TinyConfig(LlamaConfig):
+    model_type = "tiny_custom"
+
+
+class TinyForCausalLM(LlamaForCausalLM):
+    config_class = TinyConfig
+"""
+
+
+def with_remote_code(model_dir: Path, directory: Path) -> Path:
+    """A copy of the Llama in ``model_dir`` that loads only through its own code, named by ``auto_map``."""
+    shutil.copytree(model_dir, directory)
+    (directory / "modeling_tiny.py").write_text(REMOTE_MODELING_CODE)
+    config = json.loads((directory / "config.json").read_text())
+    config.update(model_type="tiny_custom", architectures=["TinyForCausalLM"],
+                  auto_map={"AutoConfig": "modeling_tiny.TinyConfig",
+                            "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"})
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
 
 
 def prepared(path: Path, marker: str) -> Path:

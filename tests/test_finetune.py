@@ -18,7 +18,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from conftest import REPO_ROOT, file_contents, hub_cache, run_main
+from conftest import REPO_ROOT, file_contents, hub_cache, run_main, with_remote_code
 from huggingface_hub import HfApi, RepoUrl
 from huggingface_hub.utils import filter_repo_objects
 from safetensors.torch import load_file
@@ -621,6 +621,28 @@ def test_a_model_saved_without_its_tokenizer_trains_with_tokenizer_name_and_save
     assert check.returncode == 0 and "non-zero: 0" in check.stdout
     marker = json.loads(next((tmp_path / "out").glob("checkpoint-*/dense_ft_checkpoint.json")).read_text())
     assert marker["run"]["tokenizer"] == str(tiny_pruned_dir.resolve())
+
+
+@pytest.mark.parametrize("method", [["--teacher_model", "{dense}", "--distill_loss", "kl"],
+                                    ["--lora", "--load_in_4bit"]], ids=["full, distilled", "qlora"])
+def test_a_model_with_its_own_code_trains_sparse_only_with_trust_remote_code(method, tmp_path, tiny_pruned_dir,
+                                                                             tiny_dense_dir, small_corpus_dir):
+    """The teacher (its dense original) runs the same code; QLoRA's merge loads the model a second time."""
+    pruned = with_remote_code(tiny_pruned_dir, tmp_path / "pruned")
+    dense = with_remote_code(tiny_dense_dir, tmp_path / "dense")
+    method = [flag.format(dense=dense) for flag in method]
+    output = tmp_path / "out"
+    refused = run_finetune(pruned, small_corpus_dir, output, "--max_steps", 2, *method)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
+        f"error: {pruned} holds its own code, which runs only with --trust_remote_code: read it, then pass that flag")
+    trained = run_finetune(pruned, small_corpus_dir, output, "--max_steps", 2, "--trust_remote_code", "true",
+                           *method)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "Sparsity maintained: yes" in trained.stdout
+    assert (output / "modeling_tiny.py").is_file()
+    assert json.loads((output / "config.json").read_text())["model_type"] == "tiny_custom"
+    check = check_sparsity_cli(output, "--reference", pruned)
+    assert check.returncode == 0 and "non-zero: 0" in check.stdout
 
 
 def test_a_tokenizer_with_more_tokens_than_the_models_embeddings_is_refused(tmp_path, tiny_pruned_dir,

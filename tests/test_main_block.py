@@ -2,7 +2,7 @@ import json
 import shutil
 
 import pytest
-from conftest import file_contents, hub_cache, run_main, run_python
+from conftest import file_contents, hub_cache, run_main, run_python, with_remote_code
 from transformers import AutoModelForCausalLM
 
 from dense_ft.masks import SparsityMasks
@@ -58,6 +58,21 @@ def test_a_model_from_the_hub_comes_from_cache_dir(tmp_path, tiny_dense_dir, sma
     pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
     assert PATTERN_KEY in pruned.config.to_dict() and check_sparsity(pruned) > 0.1  # 0.2 of the blocks, rounded down
     assert any((tmp_path / "cache" / "text").iterdir())
+
+
+def test_a_model_with_its_own_code_prunes_only_with_trust_remote_code_and_keeps_its_code(tmp_path, tiny_dense_dir,
+                                                                                         small_corpus_dir):
+    dense = with_remote_code(tiny_dense_dir, tmp_path / "dense")
+    args = ["--model", dense, "--calib_dataset", small_corpus_dir, "--eval_dataset", small_corpus_dir, "--seqlen", 64,
+            "--nsamples", 4, "--sparsity_ratio", 0.2, "--save_model", tmp_path / "pruned"]
+    refused = run_main(prune_main, *args)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith(
+        f"error: {dense} holds its own code, which runs only with --trust_remote_code")
+    result = run_main(prune_main, *args, "--trust_remote_code")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "pruned" / "modeling_tiny.py").is_file()
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", trust_remote_code=True)
+    assert type(pruned).__name__ == "TinyForCausalLM" and check_sparsity(pruned) > 0.1
 
 
 def test_main_block_does_not_import_the_trainer():

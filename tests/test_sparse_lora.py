@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 import transformers
-from conftest import file_contents, hub_cache, run_main, run_python
+from conftest import file_contents, hub_cache, run_main, run_python, with_remote_code
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from test_masks import scatter_zeros
 from test_sparse_trainer import token_dataset, training_args
@@ -371,6 +371,17 @@ def test_merge_lora_saves_the_tokenizer_named_for_a_pruned_model_saved_without_o
                       tiny_pruned_dir, "--json")
     assert merged.returncode == 0 and json.loads(merged.stdout)["violations"] == 0, merged.stderr[-3000:]
     assert AutoTokenizer.from_pretrained(tmp_path / "merged").get_vocab() == tokenizer.get_vocab()
+
+
+def test_merge_lora_runs_the_code_of_a_pruned_model_that_has_its_own_only_when_trusted(tmp_path, tiny_pruned_dir):
+    adapter_with_a_trained_copy(tiny_pruned_dir, tmp_path / "adapter")
+    pruned = with_remote_code(tiny_pruned_dir, tmp_path / "pruned")
+    refused = run_main(merge_lora.main, pruned, tmp_path / "adapter", tmp_path / "merged")
+    assert refused.returncode == 2 and "holds its own code, which runs only with --trust_remote_code" in refused.stderr
+    merged = run_main(merge_lora.main, pruned, tmp_path / "adapter", tmp_path / "merged", "--trust_remote_code",
+                      "--json")
+    assert merged.returncode == 0 and json.loads(merged.stdout)["violations"] == 0, merged.stderr[-3000:]
+    assert (tmp_path / "merged" / "modeling_tiny.py").is_file()
 
 
 def test_a_modules_to_save_copy_of_a_pruned_weight_loads_masked_and_merges_sparse(tmp_path, tiny_pruned_dir):
