@@ -61,7 +61,7 @@ from dense_ft.interrupt import StopOnSignal
 from dense_ft.masks import DEFAULT_BLOCK_SIZE, BlockMask, SparsityMasks
 from dense_ft.merge_lora import merge
 from dense_ft.model_card import write_model_card
-from dense_ft.modeling import load_model
+from dense_ft.modeling import check_vocabulary, load_model
 from dense_ft.output_dir import check_not_an_input, locked_output_dir
 from dense_ft.sparse_lora import lora_config, sparse_lora_config
 from dense_ft.sparse_trainer import SparseLoraTrainer, SparseTrainer, check_sparsity, check_steps_after_backward
@@ -401,6 +401,7 @@ def train_and_save(model_args: ModelArguments, data_args: DataArguments, lora_ar
     if resume_from:
         check_holds_training_state(resume_from)
     check_optimizer(training_args, model)
+    check_vocabulary(model, tokenizer, model_args.tokenizer_name or model_args.model_name_or_path)
     if data_args.block_size > model.config.max_position_embeddings:
         raise UserError(f"--block_size {data_args.block_size} exceeds the model's "
                         f"{model.config.max_position_embeddings} positions")

@@ -77,7 +77,6 @@ def load_model(name: str, dtype: str = "float32", device: str | None = None, tok
         check_local_source(tokenizer_name, "tokenizer")
         options.pop("revision", None)
     tokenizer = load_tokenizer(tokenizer_name or name, **options)
-    check_vocabulary(model, tokenizer, tokenizer_name or name)
     if device:
         model.to(device)
     return model, tokenizer
@@ -93,7 +92,7 @@ def load_tokenizer(name: str, **kwargs):
 
 
 def check_vocabulary(model, tokenizer, source: str) -> None:
-    """A token id beyond the model's embeddings would fail in the middle of training, as an indexing error."""
+    """For a model that will read text: a token id beyond its embeddings would fail there, as an indexing error."""
     embeddings = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > embeddings:
         raise UserError(f"the tokenizer of {source} has {len(tokenizer)} tokens, more than the model's {embeddings} "

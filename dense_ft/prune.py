@@ -27,7 +27,7 @@ from .evaluation import (
 )
 from .layerwise import check_decoder_layout
 from .model_card import write_model_card
-from .modeling import default_device, load_model, save_model
+from .modeling import check_vocabulary, default_device, load_model, save_model
 from .output_dir import check_not_an_input, check_output_path
 from .sparsity import check_sparsity
 from .text import joined_text, load_corpus
@@ -155,6 +155,7 @@ def run(args: argparse.Namespace) -> dict:
     evaluation = load_corpus(args.eval_dataset, splits=("test",), cache_dir=args.cache_dir)
     model, tokenizer = load_model(args.model, args.dtype, cache_dir=args.cache_dir,
                                   trust_remote_code=args.trust_remote_code)
+    check_vocabulary(model, tokenizer, args.model)
     model.eval()
     seqlen = args.seqlen or model.config.max_position_embeddings
     if seqlen > model.config.max_position_embeddings:
