@@ -41,7 +41,8 @@ def file_builder(path: str) -> str:
     return TABLE_BUILDERS.get(os.path.splitext(path)[1].lower(), "text")
 
 
-def load_text_files(files: dict[str, str], keep_linebreaks: bool = True, **load_kwargs) -> DatasetDict:
+def load_text_files(files: dict[str, str], keep_linebreaks: bool = True,
+                    **load_kwargs) -> DatasetDict | IterableDatasetDict:
     """Text files by split: plain text (one row per line, with its line break unless not ``keep_linebreaks``), or
     CSV or JSON (lines) with a ``text`` column; ``load_kwargs`` go to ``load_dataset`` (``cache_dir``: where it
     keeps what it read)."""
@@ -94,7 +95,8 @@ def _features(split, source: str):
     return Dataset.from_list([first_row]).features
 
 
-def hold_out_validation(corpus: DatasetDict | IterableDatasetDict, percentage: int):
+def hold_out_validation(corpus: DatasetDict | IterableDatasetDict,
+                        percentage: int) -> DatasetDict | IterableDatasetDict:
     """run_clm.py's validation split for a source without one: the first ``percentage`` % of the training rows; of
     a stream, whose length is unknown, the first ``percentage`` rows of every 100."""
     train = corpus["train"]
