@@ -44,7 +44,8 @@ class ModelArguments:
     token: str | None = field(default=None, metadata={
         "help": "Hub token for private and gated models and data sets, if not $HF_TOKEN or the one `hf auth login` "
                 "saved."})
-    torch_dtype: str = field(default="float32", metadata={"help": "Weight dtype.", "choices": list(DTYPES)})
+    torch_dtype: str = field(default="float32", metadata={  # --dtype: run_clm.py's newer name
+        "help": "Weight dtype.", "choices": list(DTYPES), "aliases": ["--dtype"]})
     load_in_4bit: bool = field(default=False, metadata={
         "help": "Sparse QLoRA (with --lora): the pruned model's linear weights are loaded in 4-bit (bitsandbytes) "
                 "and the adapters train on them; at the end the adapter is merged into the pruned model "

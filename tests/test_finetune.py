@@ -123,6 +123,7 @@ def test_sigint_saves_a_checkpoint_and_the_rerun_resumes(method, tmp_path, tiny_
     ({"--resume_from_checkpoint": "{tmp}/nowhere"}, "--resume_from_checkpoint {tmp}/nowhere not found"),
     ({"--resume_from_checkpoint": "{tmp}/no_corpus"}, "is an incomplete checkpoint"),
     ({"--torch_dtype": "float16", "--fp16": "true"}, "--fp16 needs float32 weights"),
+    ({"--dtype": "float16", "--fp16": "true"}, "--fp16 needs float32 weights"),  # run_clm.py's name, the same flag
     ({"--model_name_or_path": "{tmp}/model", "--output_dir": "{tmp}/model"},
      "--output_dir {tmp}/model is the --model_name_or_path directory, which the run would overwrite"),
     ({"--teacher_model": "{tmp}/model", "--output_dir": "{tmp}/model"},
