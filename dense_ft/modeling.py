@@ -3,6 +3,7 @@
 import os
 
 import torch
+import transformers
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -12,6 +13,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # ``from_pretrained``'s arguments that the tokenizer takes as its model does: where the files come from, and whether
 # the code among them may run.
 SHARED_WITH_TOKENIZER = ("cache_dir", "revision", "token", "trust_remote_code")
+# What transformers says of a model type it does not know.
+UNKNOWN_ARCHITECTURE = "does not recognize this architecture"
 
 
 def looks_like_local_path(name: str) -> bool:
@@ -43,9 +46,12 @@ def _from_pretrained(auto_class, name: str, **kwargs):
         raise UserError(f"cannot load model {name!r}: a weights file is truncated or corrupted "
                         f"({first_line(error)})") from error
     except ValueError as error:
-        if not needs_remote_code(error):
-            raise
-        raise remote_code_refused(name) from error
+        if needs_remote_code(error):
+            raise remote_code_refused(name) from error
+        if UNKNOWN_ARCHITECTURE in str(error):  # a model newer than this transformers
+            raise UserError(f"cannot load model {name!r}: {first_line(error).split('. ')[0]} (transformers "
+                            f"{transformers.__version__}): pip install --upgrade transformers") from error
+        raise
 
 
 def needs_remote_code(error: ValueError) -> bool:

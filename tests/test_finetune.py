@@ -89,6 +89,8 @@ def test_sigint_saves_a_checkpoint_and_the_rerun_resumes(method, tmp_path, tiny_
 @pytest.mark.parametrize("change, message", [
     ({"--model_name_or_path": "missing/pruned/model"}, "model directory not found"),
     ({"--model_name_or_path": "{tmp}/truncated_model"}, "a weights file is truncated or corrupted"),
+    ({"--model_name_or_path": "{tmp}/unknown_type"},
+     "has model type `llama9` but Transformers does not recognize this architecture (transformers 5."),
     ({"--dataset_dir": "{tmp}/no_corpus"}, "lacks wiki.train.raw"),
     ({"--dataset_dir": "{tmp}/empty_valid"}, "text file is empty: {tmp}/empty_valid/wiki.valid.raw"),
     ({"--dataset_dir": "", "--train_file": "{tmp}/empty.txt"}, "text file is empty: {tmp}/empty.txt"),
@@ -170,6 +172,9 @@ def test_bad_input_fails_in_one_line_and_keeps_the_output_dir(change, message, t
     (tmp_path / "empty_valid" / "wiki.valid.raw").write_text("")
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "no_text.jsonl").write_text('{"content": "Words."}\n')
+    (tmp_path / "unknown_type").mkdir()  # a model newer than this transformers
+    config = json.loads((tiny_pruned_dir / "config.json").read_text())
+    (tmp_path / "unknown_type" / "config.json").write_text(json.dumps({**config, "model_type": "llama9"}))
     (tmp_path / "broken.jsonl").write_text('{"text": "Words."}\n{"text": broken\n')
     (tmp_path / "latin1.txt").write_bytes("Text, caf\xe9 au lait".encode("latin-1"))
     shutil.copytree(tiny_pruned_dir, tmp_path / "truncated_model")
