@@ -64,6 +64,14 @@ def hub_cache(cache_dir: Path, repo_id: str, revisions: dict[str, Path]) -> None
         (repo / "refs" / revision).write_text(commit)
 
 
+def without_tokenizer(model_dir: Path, directory: Path) -> Path:
+    """A copy of the model in ``model_dir`` as SparseGPT's script saves one: weights and config, no tokenizer."""
+    directory.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(model_dir / name, directory / name)
+    return directory
+
+
 # An architecture transformers does not hold, as custom models on the Hub come: a Llama under another name.
 REMOTE_MODELING_CODE = """from transformers import LlamaConfig, LlamaForCausalLM
 

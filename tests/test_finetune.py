@@ -18,7 +18,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from conftest import REPO_ROOT, file_contents, hub_cache, run_main, with_remote_code
+from conftest import REPO_ROOT, file_contents, hub_cache, run_main, with_remote_code, without_tokenizer
 from huggingface_hub import HfApi, RepoUrl
 from huggingface_hub.utils import filter_repo_objects
 from safetensors.torch import load_file
@@ -610,10 +610,7 @@ def test_a_stream_that_turns_unreadable_mid_run_stops_in_one_line_and_keeps_its_
 def test_a_model_saved_without_its_tokenizer_trains_with_tokenizer_name_and_saves_that_one(
         method, tmp_path, tiny_pruned_dir, small_corpus_dir, tokenizer):
     """As SparseGPT's script saves a pruned model: weights and config alone. QLoRA's merge loads the model again."""
-    bare = tmp_path / "bare"
-    bare.mkdir()
-    for name in ("config.json", "generation_config.json", "model.safetensors"):
-        shutil.copy(tiny_pruned_dir / name, bare / name)
+    bare = without_tokenizer(tiny_pruned_dir, tmp_path / "bare")
     missing = run_finetune(bare, small_corpus_dir, tmp_path / "out", "--max_steps", 2, *method)
     assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith(
         f"error: cannot load a tokenizer from '{bare}'")

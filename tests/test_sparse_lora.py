@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 import transformers
-from conftest import file_contents, hub_cache, run_main, run_python, with_remote_code
+from conftest import file_contents, hub_cache, run_main, run_python, with_remote_code, without_tokenizer
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from test_masks import scatter_zeros
 from test_sparse_trainer import token_dataset, training_args
@@ -360,10 +360,7 @@ def test_merge_lora_and_check_sparsity_fetch_from_the_hub_into_cache_dir(tmp_pat
 def test_merge_lora_saves_the_tokenizer_named_for_a_pruned_model_saved_without_one(tmp_path, tiny_pruned_dir,
                                                                                     tokenizer):
     adapter_with_a_trained_copy(tiny_pruned_dir, tmp_path / "adapter")
-    bare = tmp_path / "bare"
-    bare.mkdir()
-    for name in ("config.json", "model.safetensors"):
-        shutil.copy(tiny_pruned_dir / name, bare / name)
+    bare = without_tokenizer(tiny_pruned_dir, tmp_path / "bare")
     missing = run_main(merge_lora.main, bare, tmp_path / "adapter", tmp_path / "merged")
     assert missing.returncode == 2 and "error: cannot load a tokenizer from" in missing.stderr
     assert not (tmp_path / "merged").exists()
